@@ -1,0 +1,62 @@
+"""QuantConfig: everything that decides what a quantization run produces."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+Method = Literal["tarq", "gptq", "rtn"]
+EncoderTagging = Literal["common", "frames"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: Method = "tarq"
+    bits: int = 4
+    group_size: int = 128
+    # Asymmetric (uint codes + per-group zero point) is the GPTQ default; TARQ.md leaves the choice open.
+    sym: bool = False
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False
+    block_size: int = 128  # GPTQ lazy-batch width
+    # TARQ
+    zipf_threshold: float = 3.0
+    digits_are_tail: bool = True  # wordfreq folds digit strings, so "1455" would look common
+    rarebal: bool = True
+    residual: bool = True
+    lambda_cost: float = 1.0  # c in lambda = c * tr(Hc) / tr(Ht)
+    encoder_tagging: EncoderTagging = "common"
+    # calibration
+    num_samples: int = 128
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("tarq", "gptq", "rtn"):
+            raise ValueError(f"method must be tarq, gptq or rtn, not {self.method!r}")
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"group_size must be a positive multiple of 8, not {self.group_size}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), not {self.damp}")
+        if self.encoder_tagging not in ("common", "frames"):
+            raise ValueError(f"encoder_tagging must be common or frames, not {self.encoder_tagging!r}")
+        if self.num_samples <= 0 or self.batch_size <= 0:
+            raise ValueError("num_samples and batch_size must be positive")
+        if self.lambda_cost <= 0:
+            raise ValueError(f"lambda_cost must be positive, not {self.lambda_cost}")
+
+    @property
+    def uses_tags(self) -> bool:
+        return self.method == "tarq" and self.rarebal
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown quantization settings: {', '.join(sorted(unknown))}")
+        return cls(**data)

@@ -1,0 +1,134 @@
+"""TARQ's two additions to GPTQ, as in the paper: RAREBAL and the residual correction.
+
+RAREBAL splits the Hessian by tail tag and reweights the tail so it carries as much trace mass as the
+common positions. The residual correction moves the pilot's target along the least-squares fix for
+the input drift between the full-precision stream (x_fp) and the partially quantized one (x).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .gptq import GPTQResult, damped, gptq
+from .quantizer import rtn
+
+
+@dataclass
+class LayerStats:
+    """Second moments of one layer's inputs over the calibration positions, float32.
+
+    Hc and Ht are the common and tail halves of H = sum x x^T over the quantized stream's inputs;
+    Hdelta = sum (x_fp - x) x^T over all positions (only when a full-precision stream runs)."""
+
+    columns: int
+    device: torch.device | str = "cpu"
+    with_delta: bool = False
+    Hc: torch.Tensor = field(init=False)
+    Ht: torch.Tensor = field(init=False)
+    Hdelta: torch.Tensor | None = field(init=False)
+    n_common: int = 0
+    n_tail: int = 0
+
+    def __post_init__(self) -> None:
+        z = lambda: torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)  # noqa: E731
+        self.Hc, self.Ht = z(), z()
+        self.Hdelta = z() if self.with_delta else None
+
+    def add(self, x: torch.Tensor, tail: torch.Tensor | None = None, x_fp: torch.Tensor | None = None) -> None:
+        """x, x_fp [positions, columns]; tail [positions] bool (None: all common)."""
+        x = x.reshape(-1, self.columns).float()
+        if tail is None:
+            tail = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        tail = tail.reshape(-1)
+        xc, xt = x[~tail], x[tail]
+        if xc.numel():
+            self.Hc.addmm_(xc.T, xc)
+        if xt.numel():
+            self.Ht.addmm_(xt.T, xt)
+        self.n_common += int(xc.shape[0])
+        self.n_tail += int(xt.shape[0])
+        if self.Hdelta is not None:
+            if x_fp is None:
+                raise ValueError("this layer tracks drift: pass x_fp with x")
+            x_fp = x_fp.reshape(-1, self.columns).float()
+            self.Hdelta.addmm_((x_fp - x).T, x)
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.Hc + self.Ht
+
+    @property
+    def tail_share(self) -> float:
+        """The tail's share of the trace mass of H (the paper's p)."""
+        total = float(torch.trace(self.Hc) + torch.trace(self.Ht))
+        return float(torch.trace(self.Ht)) / total if total > 0 else 0.0
+
+
+def rarebal(stats: LayerStats, cost: float = 1.0) -> tuple[torch.Tensor, float]:
+    """H_rb = Hc + lambda Ht with lambda = cost * tr(Hc) / tr(Ht): equal trace mass for tail and common.
+    A layer that saw no tail position keeps plain H (lambda reported as 1)."""
+    tr_t = float(torch.trace(stats.Ht))
+    if stats.n_tail == 0 or tr_t <= 0:
+        return stats.H, 1.0
+    lam = cost * float(torch.trace(stats.Hc)) / (tr_t + 1e-12 * max(tr_t, 1.0))
+    return stats.Hc + lam * stats.Ht, lam
+
+
+def drift_direction(W: torch.Tensor, H: torch.Tensor, Hdelta: torch.Tensor, damp: float) -> torch.Tensor:
+    """D = W Hdelta (H + delta I)^-1: the least-squares fix W -> W + D that maps the drifted inputs x
+    to the full-precision outputs W x_fp (exact when H is the unweighted sum x x^T and delta is 0)."""
+    Hd = damped(H, damp)
+    # Solve from the right through the symmetric system: D Hd = W Hdelta.
+    return torch.linalg.solve(Hd, (W.float() @ Hdelta).T).T
+
+
+def h_inner(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> float:
+    """<A, B>_H = tr(A H B^T)."""
+    return float(torch.einsum("ij,jk,ik->", A.float(), H, B.float()))
+
+
+def residual_alpha(E: torch.Tensor, D: torch.Tensor, H: torch.Tensor) -> float:
+    """alpha = <E, D>_H / (<D, D>_H + eps), eps relative to the scale of <D, D>_H."""
+    dd = h_inner(D, D, H)
+    return h_inner(E, D, H) / (dd + 1e-8 * abs(dd) + 1e-30)
+
+
+@dataclass
+class TarqSolve:
+    result: GPTQResult
+    lam: float
+    alphas: list[float] | None  # one per row block of `splits`
+    H: torch.Tensor  # the metric the solves used (H_rb, or plain H)
+    rtn_weight: torch.Tensor | None  # round-to-nearest on the same grid, for the report
+    pilot_weight: torch.Tensor
+
+
+def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int, sym: bool, damp: float,
+               block_size: int = 128, act_order: bool = False, use_rarebal: bool = True,
+               use_residual: bool = True, cost: float = 1.0, with_rtn: bool = True,
+               splits: list[int] | None = None) -> TarqSolve:
+    """Pilot GPTQ on H_rb, residual step alpha D, final GPTQ on W + alpha D (TARQ.md steps 2-3).
+
+    W may stack several layers that read the same input (q/k/v): `splits` gives their row counts,
+    and each layer gets its own alpha while both GPTQ passes run once over the stack."""
+
+    H, lam = rarebal(stats, cost) if use_rarebal else (stats.H, 1.0)
+    solve = dict(bits=bits, group_size=group_size, sym=sym, damp=damp, block_size=block_size,
+                 act_order=act_order)
+    W = W.float()
+    rtn_weight = rtn(W, bits, group_size, sym).dequantize() if with_rtn else None
+    pilot = gptq(W, H, **solve)
+    if not use_residual or stats.Hdelta is None:
+        return TarqSolve(pilot, lam, None, H, rtn_weight, pilot.weight)
+    D = drift_direction(W, H, stats.Hdelta, damp)
+    E = pilot.weight - W
+    alphas, target, start = [], W.clone(), 0
+    for rows in splits or [W.shape[0]]:
+        part = slice(start, start + rows)
+        alpha = residual_alpha(E[part], D[part], H)
+        target[part] += alpha * D[part]
+        alphas.append(alpha)
+        start += rows
+    final = gptq(target, H, **solve)
+    return TarqSolve(final, lam, alphas, H, rtn_weight, pilot.weight)

@@ -1,0 +1,114 @@
+"""RAREBAL and the residual correction against their definitions in TARQ.md."""
+import pytest
+import torch
+
+from tarq.gptq import h_loss
+from tarq.rarebal import LayerStats, drift_direction, h_inner, rarebal, residual_alpha, tarq_solve
+
+
+def stats_from(x, tail, x_fp=None):
+    st = LayerStats(x.shape[1], with_delta=x_fp is not None)
+    st.add(x, tail, x_fp)
+    return st
+
+
+def test_split_hessians_sum_to_h():
+    x = torch.randn(300, 32)
+    tail = torch.rand(300) < 0.1
+    st = stats_from(x, tail)
+    assert torch.allclose(st.H, x.T @ x, rtol=1e-4, atol=1e-3)
+    assert st.n_tail == int(tail.sum()) and st.n_common == 300 - int(tail.sum())
+
+
+def test_rarebal_equal_trace_mass():
+    x = torch.randn(500, 32)
+    tail = torch.rand(500) < 0.07
+    x[tail] *= 0.5  # tail positions also carry less energy per position
+    st = stats_from(x, tail)
+    H_rb, lam = rarebal(st)
+    assert lam > 1
+    assert float(torch.trace(lam * st.Ht)) == pytest.approx(float(torch.trace(st.Hc)), rel=1e-5)
+    assert torch.allclose(H_rb, st.Hc + lam * st.Ht)
+    _, lam2 = rarebal(st, cost=2.0)
+    assert lam2 == pytest.approx(2 * lam)
+
+
+def test_rarebal_without_tail_is_plain_h():
+    x = torch.randn(100, 16)
+    st = stats_from(x, None)
+    H_rb, lam = rarebal(st)
+    assert lam == 1.0 and torch.equal(H_rb, st.H)
+
+
+def test_drift_direction_is_least_squares_fix():
+    """W + D is the brute-force least-squares map from drifted inputs x to full-precision outputs W x_fp."""
+    g = torch.Generator().manual_seed(0)
+    n, cols, rows = 400, 24, 10
+    x_fp = torch.randn(n, cols, generator=g, dtype=torch.float64).float()
+    x = x_fp + 0.1 * torch.randn(n, cols, generator=g) + 0.05  # drift: noise and a bias
+    W = torch.randn(rows, cols, generator=g)
+    st = stats_from(x, None, x_fp)
+    D = drift_direction(W, st.H, st.Hdelta, damp=1e-9)
+    # brute force: argmin_V sum_t |V x_t - W x_fp_t|^2
+    V = torch.linalg.lstsq(x.double(), (x_fp.double() @ W.double().T)).solution.T
+    assert torch.allclose((W + D).double(), V, atol=1e-3)
+
+
+def test_alpha_is_h_projection():
+    g = torch.Generator().manual_seed(1)
+    H = torch.randn(16, 16, generator=g)
+    H = H @ H.T + torch.eye(16)
+    D = torch.randn(4, 16, generator=g)
+    E = 0.3 * D + 0.01 * torch.randn(4, 16, generator=g)
+    alpha = residual_alpha(E, D, H)
+    assert alpha == pytest.approx(h_inner(E, D, H) / h_inner(D, D, H), rel=1e-6)
+    assert alpha == pytest.approx(0.3, abs=0.05)
+    # E - alpha D is H-orthogonal to D
+    assert abs(h_inner(E - alpha * D, D, H)) < 1e-3 * h_inner(D, D, H)
+
+
+def test_tarq_solve_tail_weighting_lowers_tail_error():
+    """With RAREBAL, the error on tail positions falls relative to plain GPTQ on the same data."""
+    g = torch.Generator().manual_seed(2)
+    cols, rows = 128, 32
+    common = torch.randn(2000, cols, generator=g)
+    tail = torch.randn(100, cols, generator=g) @ torch.diag(torch.linspace(0.2, 3, cols))  # other directions
+    x = torch.cat([common, tail])
+    is_tail = torch.cat([torch.zeros(2000, dtype=torch.bool), torch.ones(100, dtype=torch.bool)])
+    W = torch.randn(rows, cols, generator=g)
+    st = stats_from(x, is_tail)
+    kw = dict(bits=3, group_size=128, sym=False, damp=0.01)
+    plain = tarq_solve(W, st, use_rarebal=False, use_residual=False, **kw)
+    tarq = tarq_solve(W, st, use_rarebal=True, use_residual=False, **kw)
+    assert tarq.lam > 5
+    assert h_loss(W, tarq.result.weight, st.Ht) < h_loss(W, plain.result.weight, st.Ht)
+
+
+def test_tarq_solve_residual_follows_the_paper_steps():
+    """Pilot on H_rb, alpha per layer from the pilot's displacement, final GPTQ on W + alpha D."""
+    from tarq.gptq import gptq
+
+    g = torch.Generator().manual_seed(3)
+    cols, rows = 128, 16
+    x_fp = torch.randn(1500, cols, generator=g)
+    x = x_fp * 1.05 + 0.05 * torch.randn(1500, cols, generator=g)
+    W = torch.randn(rows, cols, generator=g)
+    st = stats_from(x, None, x_fp)
+    kw = dict(bits=4, group_size=128, sym=False, damp=0.01)
+    res = tarq_solve(W, st, use_rarebal=False, use_residual=True, splits=[8, 8], **kw)
+    pilot = gptq(W, st.H, **kw)
+    D = drift_direction(W, st.H, st.Hdelta, 0.01)
+    alphas = [residual_alpha((pilot.weight - W)[s], D[s], st.H) for s in (slice(0, 8), slice(8, 16))]
+    assert res.alphas == pytest.approx(alphas, rel=1e-5)
+    assert alphas[0] != pytest.approx(alphas[1])
+    target = W.clone()
+    target[:8] += alphas[0] * D[:8]
+    target[8:] += alphas[1] * D[8:]
+    assert torch.allclose(res.result.weight, gptq(target, st.H, **kw).weight, atol=1e-5)
+    assert torch.allclose(res.pilot_weight, pilot.weight)
+
+
+def test_stats_need_x_fp_when_tracking_drift():
+    st = LayerStats(8, with_delta=True)
+    with pytest.raises(ValueError, match="x_fp"):
+        st.add(torch.randn(4, 8))
