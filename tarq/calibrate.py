@@ -57,12 +57,18 @@ def features(processor, audios: list[np.ndarray], device, dtype) -> torch.Tensor
     return out.input_features.to(device=device, dtype=dtype)
 
 
+MAX_TOKENS_PER_SECOND = 10  # fast speech stays under ~7; more is a repetition loop, not speech
+
+
 @torch.no_grad()
-def pseudo_labels(model, processor, feats: torch.Tensor, batch_size: int) -> list[str]:
-    """The full-precision model's own greedy transcription, used where no reference exists."""
+def pseudo_labels(model, processor, feats: torch.Tensor, seconds: list[float], batch_size: int) -> list[str]:
+    """The full-precision model's own greedy transcription, used where no reference exists. Length is
+    capped by the clip's duration so that a hallucination loop cannot become calibration text."""
     texts: list[str] = []
     for i in range(0, len(feats), batch_size):
-        ids = model.generate(feats[i:i + batch_size], do_sample=False, num_beams=1, **prompt_kwargs(model))
+        cap = int(MAX_TOKENS_PER_SECOND * max(seconds[i:i + batch_size])) + 8
+        ids = model.generate(feats[i:i + batch_size], do_sample=False, num_beams=1,
+                             max_new_tokens=min(cap, model.config.max_target_positions - 8), **prompt_kwargs(model))
         texts += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [t.strip() for t in texts]
 
@@ -103,7 +109,8 @@ def prepare(model, processor, samples: list[CalibSample], config: QuantConfig, d
     texts = [s.text for s in samples]
     missing = [i for i, t in enumerate(texts) if not t]
     if missing:
-        labels = pseudo_labels(model, processor, feats[missing], config.batch_size)
+        labels = pseudo_labels(model, processor, feats[missing],
+                               [len(samples[i].audio) / SAMPLE_RATE for i in missing], config.batch_size)
         for i, text in zip(missing, labels):
             texts[i] = text
 
