@@ -1,0 +1,186 @@
+"""WER / rare-WER of FP vs RTN vs GPTQ vs TARQ (and TARQ's ablations) on real speech.
+
+    python bench/quality.py                      # whisper-tiny.en and whisper-base, everything
+    python bench/quality.py --models whisper-tiny.en --variants fp,gptq,tarq
+
+Calibration: --calib-n clips drawn with --seed from ljspeech-385 (with transcripts, and again audio-only
+for pseudo-labels). Evaluation: commonvoice-en-100 and the LJSpeech clips not used for calibration.
+Never on calibration clips. Every variant is W4G128 and decodes greedily in English with identical
+settings. Results are cached per (model, variant) under bench/results/quality/ so that an interrupted
+run resumes; --fresh recomputes. Writes bench/results/quality.md and bench/results/quality.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEECH = ROOT.parent / "shared" / "data" / "speech"
+RESULTS = ROOT / "bench" / "results"
+
+# name -> (method, QuantConfig overrides, calibration with transcripts?)
+VARIANTS: dict[str, tuple[str, dict, bool]] = {
+    "fp": ("fp", {}, True),
+    "rtn": ("rtn", {}, True),
+    "gptq": ("gptq", {}, True),
+    "tarq": ("tarq", {}, True),
+    "tarq-pseudo": ("tarq", {}, False),
+    "tarq-rarebal-only": ("tarq", {"residual": False}, True),
+    "tarq-residual-only": ("tarq", {"rarebal": False}, True),
+    "tarq-frames": ("tarq", {"encoder_tagging": "frames"}, True),
+}
+
+
+def split_ljspeech(n: int, seed: int, work: Path) -> tuple[Path, Path, list[str]]:
+    """Calibration folders (with and without transcripts) and the held-out LJSpeech file names."""
+    lj = SPEECH / "ljspeech-385"
+    lines = [ln for ln in (lj / "transcripts.tsv").read_text().splitlines() if "\t" in ln]
+    names = sorted(ln.split("\t")[0] for ln in lines)
+    calib = set(random.Random(seed).sample(names, n))
+    with_text, audio_only = work / "calib", work / "calib-audio-only"
+    for d in (with_text, audio_only):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    for name in sorted(calib):
+        for d in (with_text, audio_only):
+            (d / name).symlink_to(lj / name)
+    (with_text / "transcripts.tsv").write_text("\n".join(ln for ln in lines if ln.split("\t")[0] in calib) + "\n")
+    return with_text, audio_only, [x for x in names if x not in calib]
+
+
+def run_variant(model: str, model_dir: Path, variant: str, calib: Path, audio_only: Path, holdout: list[str],
+                work: Path, batch_size: int, eval_limit: int | None) -> dict:
+    from tarq.config import QuantConfig
+    from tarq.evaluate import evaluate
+    from tarq.pipeline import quantize_model
+
+    method, overrides, with_text = VARIANTS[variant]
+    row: dict = {"model": model, "variant": variant}
+    source: Path = model_dir
+    if method != "fp":
+        out = work / "artifacts" / f"{model}-{variant}"
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        quantize_model(model_dir, calib if with_text else audio_only, out,
+                       QuantConfig(method=method, batch_size=batch_size, **overrides))
+        row["quantize_seconds"] = round(time.perf_counter() - t, 1)
+        report = json.loads((out / "tarq_report.json").read_text())
+        row["layers"] = report["layers"]
+        row["calibration"] = report["calibration"]
+        source = out
+    evals = {}
+    for data, files in (("commonvoice-en-100", None), ("ljspeech-holdout", holdout)):
+        folder = SPEECH / ("ljspeech-385" if data.startswith("ljspeech") else data)
+        picked = files[:eval_limit] if files and eval_limit else files
+        res = evaluate(source, folder, batch_size=batch_size, files=picked,
+                       limit=eval_limit if files is None else None)
+        evals[data] = {k: getattr(res, k) for k in ("wer", "rare_wer", "common_wer", "utterances", "words",
+                                                    "rare_words", "seconds")}
+        evals[data]["hypotheses"] = res.hypotheses
+        print(f"  {model} {variant} {data}: WER {res.wer:.2f} rare-WER {res.rare_wer:.2f} "
+              f"common-WER {res.common_wer:.2f} ({res.seconds:.0f} s)", flush=True)
+    row["eval"] = evals
+    return row
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def write_report(rows: list[dict], args) -> None:
+    sets = ["commonvoice-en-100", "ljspeech-holdout"]
+    lines = ["# Quality: WER / rare-WER / common-WER (%), W4G128", "",
+             f"Command: `python bench/quality.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+             f"Calibration: {args.calib_n} LJSpeech clips (seed {args.seed}); evaluation never on calibration clips. "
+             "Greedy English decoding, Whisper's English normalizer, rare = wordfreq Zipf < 3.", ""]
+    head = "| model | variant | quantize s | " + " | ".join(f"{s} WER | {s} rare-WER | {s} common-WER" for s in sets) + " |"
+    lines += [head, "|" + "---|" * (3 + 3 * len(sets))]
+    for r in rows:
+        cells = [r["model"], r["variant"], str(r.get("quantize_seconds", "-"))]
+        for s in sets:
+            e = r["eval"].get(s, {})
+            cells += [fmt(e.get("wer")), fmt(e.get("rare_wer")), fmt(e.get("common_wer"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows:
+        e0 = rows[0]["eval"]
+        lines += ["", "Words scored: " + ", ".join(f"{s}: {e0[s]['utterances']} utterances, {e0[s]['words']} words, "
+                                                   f"{e0[s]['rare_words']} rare" for s in sets if s in e0)]
+    for r in rows:
+        if r["variant"] == "tarq" and r.get("layers"):
+            lams = [x["lambda"] for x in r["layers"] if ".decoder." in x["name"]]
+            alphas = [x["alpha"] for x in r["layers"] if x.get("alpha") is not None]
+            lines += ["", f"{r['model']} TARQ per-layer report: decoder lambda {min(lams):.2f}..{max(lams):.2f}, "
+                          f"alpha {min(alphas):.3f}..{max(alphas):.3f}; calibration {r['calibration']}"]
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(rows, sets)
+
+
+def plot(rows: list[dict], sets: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 5))
+    for ax, s in zip(axes, sets):
+        for r in rows:
+            e = r["eval"].get(s)
+            if not e or e.get("wer") is None or e.get("rare_wer") is None:
+                continue
+            marker = "o" if r["model"].endswith(".en") else "s"
+            ax.scatter(e["wer"], e["rare_wer"], marker=marker)
+            ax.annotate(f"{r['model']}:{r['variant']}", (e["wer"], e["rare_wer"]), fontsize=7)
+        ax.set_xlabel("WER %")
+        ax.set_ylabel("rare-WER %")
+        ax.set_title(s)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="whisper-tiny.en,whisper-base")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--calib-n", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-limit", type=int, default=None, help="first N clips of each eval set (quick runs)")
+    ap.add_argument("--fresh", action="store_true", help="recompute cached results")
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
+    args = ap.parse_args()
+
+    from tarq.hub import pull
+
+    cache = RESULTS / "quality"
+    cache.mkdir(parents=True, exist_ok=True)
+    calib, audio_only, holdout = split_ljspeech(args.calib_n, args.seed, args.work)
+    rows = []
+    for model in args.models.split(","):
+        model_dir = pull(model)
+        for variant in args.variants.split(","):
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+            key = cache / f"{model}-{variant}-n{args.calib_n}-s{args.seed}-l{args.eval_limit or 'all'}.json"
+            if key.exists() and not args.fresh:
+                rows.append(json.loads(key.read_text()))
+                print(f"  {model} {variant}: cached", flush=True)
+                continue
+            t = time.perf_counter()
+            row = run_variant(model, model_dir, variant, calib, audio_only, holdout, args.work,
+                              args.batch_size, args.eval_limit)
+            row["wall_seconds"] = round(time.perf_counter() - t, 1)
+            key.write_text(json.dumps(row, indent=1))
+            rows.append(row)
+            write_report(rows, args)
+    write_report(rows, args)
+    print((RESULTS / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

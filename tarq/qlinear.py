@@ -1,0 +1,279 @@
+"""QuantLinear: a Linear layer that holds packed integer weights, and the kernels that run it.
+
+Storage follows compressed-tensors' `pack-quantized` convention so the artifact means to the library
+what it means to us:
+  weight_packed      int32 [out, ceil(in*bits/32)]: compressed_tensors' own `pack_to_int32` of the signed
+                     codes q - 2^(bits-1), packed densely along the input dim (it re-adds the offset, so
+                     each bit field holds q; eight 4-bit fields per word, first column lowest)
+  weight_scale       float [out, groups]
+  weight_zero_point  int32 [ceil(out*bits/32), groups]: signed zeros z - 2^(bits-1), packed along dim 0
+                     (asymmetric only; symmetric grids have z = 2^(bits-1), i.e. signed zero 0)
+  weight_g_idx       int32 [in]: only when act-order left a non-trivial column->group map
+  weight_shape       int64 [2]: (out, in)
+The library dequantizes as (q_signed - zero_signed) * scale = (q - z) * scale: GPTQ's scale * (code - zero).
+
+Inference dispatch (`QuantLinear.kernel` says which path the last forward took):
+  "int4pack-cpu"  4 bits, trivial g_idx, CPU: aten._weight_int4pack_mm_for_cpu. The op accepts fp32/fp16/
+                  bf16 activations, but on torch 2.13 only bf16 takes its fast path (fp32 and fp16 run
+                  ~30-90x slower than bf16, slower than a dense fp32 matmul), so activations are cast to
+                  `QuantLinear.cpu_compute_dtype` (bf16; None = the input dtype, exact but slow) and the
+                  output is cast back.
+  "tinygemm-cuda" 4 bits, trivial g_idx, CUDA sm80+: aten._weight_int4pack_mm (tinygemm, bf16 only: the input
+                  is cast to bf16 and the output back to the input dtype)
+  "dequant"       everything else (3/8 bits, act-order g_idx, shapes the kernel refuses, and on CPU
+                  inputs with more than `cpu_kernel_max_rows` rows, where the kernel is slower than
+                  dequantize + GEMM): dequantize (float32, transient) and matmul in the input dtype.
+Both int4 kernels compute w = (q - 8) * scale + zero_f, so GPTQ's integer zero z maps exactly to
+zero_f = (8 - z) * scale. The kernel layout is built lazily once per (device, dtype) and cached outside the
+state dict.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+from .quantizer import QuantizedWeight
+
+KERNELS = ("int4pack-cpu", "tinygemm-cuda", "dequant")
+# tinygemm's inner k tiling: K must be a multiple of inner_k_tiles * 16; 8 is what torchao uses.
+_TINYGEMM_INNER_K_TILES = (8, 4, 2)
+_TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _ct_packing():
+    # compressed_tensors' package import pulls in transformers and torchao (~seconds); only packing needs it.
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    return pack_to_int32, unpack_from_int32
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [out, in] in [0, 2^bits-1] -> int32 [out, ceil(in*bits/32)] (compressed-tensors)."""
+    signed = (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    return _ct_packing()[0](signed, bits, packed_dim=1)
+
+
+def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `pack`: int32 words -> unsigned codes uint8 [out, in]."""
+    signed = _ct_packing()[1](packed, bits, torch.Size(shape), packed_dim=1)
+    return (signed.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+
+
+def pack_zero(zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer zeros [out, groups] -> int32 [ceil(out*bits/32), groups], packed along the output dim as
+    compressed-tensors packs asymmetric zero points."""
+    signed = (zero.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    return _ct_packing()[0](signed, bits, packed_dim=0)
+
+
+def unpack_zero(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    signed = _ct_packing()[1](packed, bits, torch.Size(shape), packed_dim=0)
+    return signed.to(torch.int32) + (1 << (bits - 1))
+
+
+def trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True when column i sits in group i // group_size (no act-order permutation to honour)."""
+    expected = torch.arange(g_idx.numel(), device=g_idx.device) // group_size
+    return bool(torch.equal(g_idx.long(), expected))
+
+
+def packed_cols(in_features: int, bits: int) -> int:
+    return math.ceil(in_features * bits / 32)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W held as packed integer codes, per-group scales and zero points."""
+
+    # Dtype the CPU int4 kernel computes in (see the module docstring); None keeps the input dtype.
+    cpu_compute_dtype: torch.dtype | None = torch.bfloat16
+    # Above this many input rows the CPU kernel loses to dequantize + dense matmul (measured on a 2-core
+    # AVX-512 Xeon: 512x2048 layer, 1500 rows (a Whisper encoder pass) ~2x slower than dequant+fp32 GEMM;
+    # 1-8 rows (decoding) 2-3x faster than dense fp32). None: always use the kernel.
+    cpu_kernel_max_rows: int | None = 128
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, sym: bool,
+                 bias: bool, g_idx: bool = False, scale_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        if not 1 <= bits <= 8:
+            raise ValueError(f"bits must be in [1, 8], not {bits}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        groups = in_features // group_size
+        self.register_buffer("weight_packed", torch.zeros(out_features, packed_cols(in_features, bits),
+                                                          dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale",
+                             torch.ones(out_features, groups, dtype=scale_dtype, device=device))
+        if not sym:
+            self.register_buffer("weight_zero_point", torch.zeros(packed_cols(out_features, bits), groups,
+                                                                  dtype=torch.int32, device=device))
+        else:
+            self.weight_zero_point = None
+        if g_idx:
+            self.register_buffer("weight_g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        else:
+            self.weight_g_idx = None
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64,
+                                                          device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.kernel: str | None = None  # the path the last forward took
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        out_features, in_features = qw.shape
+        if qw.sym and not bool((qw.zero == 1 << (qw.bits - 1)).all()):
+            raise ValueError("a symmetric QuantizedWeight must have every zero equal to 2^(bits-1)")
+        has_g_idx = not trivial_g_idx(qw.g_idx, qw.group_size)
+        device = qw.codes.device
+        layer = cls(in_features, out_features, bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
+                    bias=bias is not None, g_idx=has_g_idx, scale_dtype=qw.scale.dtype, device=device)
+        layer.weight_packed.copy_(pack(qw.codes, qw.bits))
+        layer.weight_scale.copy_(qw.scale)
+        if not qw.sym:
+            layer.weight_zero_point.copy_(pack_zero(qw.zero, qw.bits))
+        if has_g_idx:
+            layer.weight_g_idx.copy_(qw.g_idx.to(torch.int32))
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    # -- views of the stored weight -----------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        if self.bits == 4 and sys.byteorder == "little":
+            # The library's 4-bit unpack, minus its signed-offset round trip: each byte holds two codes,
+            # the earlier column in the low nibble.
+            b = self.weight_packed.view(torch.uint8)
+            return torch.stack((b & 0xF, b >> 4), dim=-1).view(self.out_features, -1)[:, :self.in_features]
+        return unpack(self.weight_packed, self.bits, (self.out_features, self.in_features))
+
+    def zeros(self) -> torch.Tensor:
+        groups = self.in_features // self.group_size
+        if self.sym:
+            return torch.full((self.out_features, groups), 1 << (self.bits - 1), dtype=torch.int32,
+                              device=self.weight_packed.device)
+        return unpack_zero(self.weight_zero_point, self.bits, (self.out_features, groups))
+
+    def g_idx(self) -> torch.Tensor:
+        if self.weight_g_idx is not None:
+            return self.weight_g_idx
+        return (torch.arange(self.in_features, device=self.weight_packed.device) // self.group_size).int()
+
+    def to_quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes(), self.weight_scale.float(), self.zeros(), self.g_idx(),
+                               self.bits, self.group_size, self.sym)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Float weight [out, in], computed in float32 exactly as QuantizedWeight.dequantize, then cast."""
+        if self.weight_g_idx is not None:
+            return self.to_quantized().dequantize().to(dtype or self.weight_scale.dtype)
+        # contiguous groups: broadcast over a [out, groups, group_size] view instead of gathering per column
+        groups = self.in_features // self.group_size
+        codes = self.codes().view(self.out_features, groups, self.group_size).float()
+        scale = self.weight_scale.float()[..., None]
+        w = scale * (codes - self.zeros().float()[..., None])
+        return w.view(self.out_features, self.in_features).to(dtype or self.weight_scale.dtype)
+
+    # -- kernels ------------------------------------------------------------------------------------
+    def _kernel_for(self, x: torch.Tensor) -> str:
+        if self.bits != 4 or self.weight_g_idx is not None:
+            return "dequant"
+        if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") \
+                and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and self.in_features % 2 == 0:
+            rows = x.numel() // self.in_features
+            if self.cpu_kernel_max_rows is not None and rows > self.cpu_kernel_max_rows:
+                return "dequant"
+            return "int4pack-cpu"
+        if x.device.type == "cuda" and self._tinygemm_ok(x.device):
+            return "tinygemm-cuda"
+        return "dequant"
+
+    def _tinygemm_ok(self, device: torch.device) -> bool:
+        return (torch.cuda.get_device_capability(device)[0] >= 8
+                and self.group_size in _TINYGEMM_GROUP_SIZES
+                and self.out_features % 8 == 0
+                and any(self.in_features % (t * 16) == 0 for t in _TINYGEMM_INNER_K_TILES))
+
+    def _scale_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        # [groups, out, 2]: (scale, zero_f) with zero_f = (8 - z) * scale, torchao's tinygemm layout.
+        scale = self.weight_scale.float()
+        zero_f = (8 - self.zeros().float()) * scale
+        return torch.stack([scale, zero_f], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+    def _kernel_weights(self, kernel: str, device: torch.device, dtype: torch.dtype):
+        key = (kernel, str(device), dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            codes = self.codes().to(device)
+            if kernel == "int4pack-cpu":
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            else:  # tinygemm: two codes per byte, even column in the high nibble (torchao's layout)
+                codes = codes.to(torch.int32)
+                u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+                tiles = next(t for t in _TINYGEMM_INNER_K_TILES if self.in_features % (t * 16) == 0)
+                packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
+            cached = (packed, self._scale_and_zeros(dtype).to(device))
+            self._cache[key] = cached
+        return cached
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moving or casting the module invalidates the kernel layouts built for the old device/dtype.
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel_for(x)
+        self.kernel = kernel
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if kernel == "int4pack-cpu":
+            dtype = self.cpu_compute_dtype or x.dtype
+            packed, sz = self._kernel_weights(kernel, x.device, dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dtype).contiguous(), packed,
+                                                           self.group_size, sz).to(x.dtype)
+        elif kernel == "tinygemm-cuda":
+            packed, sz = self._kernel_weights(kernel, x.device, torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed,
+                                                   self.group_size, sz).to(x.dtype)
+        else:
+            y = x2 @ self.dequantize(x.dtype).T
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}, "
+                f"act_order={self.weight_g_idx is not None}")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_linears(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> nn.Module:
+    """Swap each named nn.Linear for a QuantLinear built from its QuantizedWeight (in place; returns model).
+    The bias is kept in the Linear's dtype; the float weight is dropped."""
+    for name, qw in quantized.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"model has no module named {name!r}") from exc
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"module {name!r} is {type(linear).__name__}, not nn.Linear")
+        if tuple(qw.shape) != (linear.out_features, linear.in_features):
+            raise ValueError(f"quantized weight for {name!r} has shape {tuple(qw.shape)}, "
+                             f"the layer has {(linear.out_features, linear.in_features)}")
+        _set_module(model, name, QuantLinear.from_quantized(qw, linear.bias).to(linear.weight.device))
+    return model

@@ -1,0 +1,120 @@
+"""quantize_model end to end on a tiny random Whisper and real speech clips."""
+import json
+
+import pytest
+import torch
+
+from tarq.config import QuantConfig
+from tarq.errors import CalibrationError, Cancelled, ModelError
+from tarq.models.whisper import quantizable_names
+from tarq.pipeline import quantize_model
+
+
+def report_of(path):
+    return json.loads((path / "tarq_report.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "tarq"])
+def test_each_method_writes_a_loadable_artifact(method, tiny_whisper_dir, calib_dir, tmp_path):
+    from tarq.artifact import load_artifact
+    from tarq.qlinear import QuantLinear
+
+    seen = []
+    out = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / method, QuantConfig(method=method, batch_size=4),
+                         progress=seen.append)
+    report = report_of(out)
+    assert report["config"]["method"] == method
+    model, _ = load_artifact(out)
+    names = quantizable_names(model)
+    assert len(names) == 2 * 6 + 2 * 10
+    for name in names:
+        assert isinstance(model.get_submodule(name), QuantLinear), name
+    assert {r["name"] for r in report["layers"]} == set(names)
+    blocks = [p for p in seen if p.stage in ("encoder", "decoder")]
+    assert [p.layer for p in blocks] == [1, 2, 3, 4] and blocks[-1].fraction == 1.0
+    assert seen[-1].stage == "done"
+
+
+def test_tarq_lambda_above_one_for_decoder_layers(tiny_whisper_dir, calib_dir, tmp_path):
+    out = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "t", QuantConfig(batch_size=4))
+    report = report_of(out)
+    assert report["calibration"]["tail_tokens"] > 0
+    dec = [r for r in report["layers"] if ".decoder." in r["name"] and "encoder_attn.k_proj" not in r["name"]
+           and "encoder_attn.v_proj" not in r["name"]]
+    assert dec and all(r["lambda"] > 1 for r in dec)
+    assert all(r["alpha"] is not None for r in report["layers"])
+    # encoder positions are all common by default: encoder layers reduce to GPTQ + residual
+    enc = [r for r in report["layers"] if ".encoder." in r["name"]]
+    assert all(r["lambda"] == 1.0 and r["tail_positions"] == 0 for r in enc)
+    for r in report["layers"]:
+        assert r["loss_final"] < r["loss_rtn"], r["name"]
+
+
+def test_frame_tagging_marks_encoder_positions(tiny_whisper_dir, calib_dir, tmp_path):
+    out = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "f",
+                         QuantConfig(encoder_tagging="frames", batch_size=4))
+    report = report_of(out)
+    assert report["calibration"]["tail_frames"] > 0
+    enc = [r for r in report["layers"] if ".encoder." in r["name"]]
+    assert all(r["lambda"] > 1 and r["tail_positions"] > 0 for r in enc)
+
+
+def test_pseudo_labels_when_no_transcripts(tiny_whisper_dir, audio_only_dir, tmp_path):
+    out = quantize_model(tiny_whisper_dir, audio_only_dir, tmp_path / "p",
+                         QuantConfig(method="gptq", batch_size=4))
+    report = report_of(out)
+    assert report["transcripts"] == {"given": 0, "pseudo_labelled": 3}
+    assert report["calibration"]["tokens"] > 0
+
+
+def test_ablations_change_the_result(tiny_whisper_dir, calib_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    key = "model.decoder.layers.1.fc1.weight_packed"
+    packed = {}
+    for name, cfg in {"both": {}, "no_rarebal": {"rarebal": False}, "no_residual": {"residual": False}}.items():
+        out = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / name, QuantConfig(batch_size=4, **cfg))
+        packed[name] = load_file(out / "model.safetensors")[key]
+        layers = {r["name"]: r for r in report_of(out)["layers"]}
+        fc1 = layers["model.decoder.layers.1.fc1"]
+        assert (fc1["lambda"] > 1) == cfg.get("rarebal", True)
+        assert (fc1["alpha"] is not None) == cfg.get("residual", True)
+    assert not torch.equal(packed["both"], packed["no_rarebal"])
+    assert not torch.equal(packed["both"], packed["no_residual"])
+
+
+def test_deterministic(tiny_whisper_dir, calib_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    outs = [quantize_model(tiny_whisper_dir, calib_dir, tmp_path / str(i), QuantConfig(method="gptq", batch_size=4))
+            for i in range(2)]
+    a, b = (load_file(o / "model.safetensors") for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancel_stops_the_run(tiny_whisper_dir, calib_dir, tmp_path):
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "c", QuantConfig(method="gptq", batch_size=4),
+                       should_stop=stop)
+    assert not (tmp_path / "c" / "model.safetensors").exists()
+
+
+def test_calibration_errors(tiny_whisper_dir, tmp_path):
+    with pytest.raises(CalibrationError, match="needs calibration audio"):
+        quantize_model(tiny_whisper_dir, None, tmp_path / "x", QuantConfig(method="gptq"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CalibrationError, match="no audio"):
+        quantize_model(tiny_whisper_dir, empty, tmp_path / "x", QuantConfig(method="gptq"))
+
+
+def test_bad_model_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        quantize_model(tmp_path / "m", None, tmp_path / "x", QuantConfig(method="rtn"))

@@ -1,0 +1,175 @@
+"""QuantLinear: compressed-tensors packing, the int4 kernel against the dequantized reference, module swap."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tarq.qlinear import QuantLinear, pack, pack_zero, replace_linears, trivial_g_idx, unpack, unpack_zero
+from tarq.quantizer import QuantizedWeight, rtn
+
+HAS_CPU_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_pack_unpack_round_trip_is_exact(bits):
+    codes = torch.randint(0, 2**bits, (40, 256), dtype=torch.uint8)
+    codes[0, :2] = torch.tensor([0, 2**bits - 1])  # both ends of the range
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (40, 256 * bits // 32)
+    assert torch.equal(unpack(packed, bits, (40, 256)), codes)
+    zero = torch.randint(0, 2**bits, (40, 4), dtype=torch.int32)
+    pz = pack_zero(zero, bits)
+    assert pz.dtype == torch.int32 and pz.shape == (-(-40 * bits // 32), 4)
+    assert torch.equal(unpack_zero(pz, bits, (40, 4)), zero)
+
+
+def test_four_bit_packs_eight_codes_per_word():
+    # compressed-tensors takes signed codes (code - 8) and re-adds the offset before packing, so each nibble
+    # holds the unsigned code, the first column in the lowest bits.
+    codes = torch.arange(8, dtype=torch.uint8).reshape(1, 8)
+    assert pack(codes, 4)[0, 0].item() == 0x76543210
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_library_decompress_reads_our_tensors_as_we_mean_them(bits, sym):
+    """compressed-tensors' own decompressor on our buffers gives exactly scale * (code - zero)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    qw = rtn(torch.randn(48, 256), bits, 64, sym)
+    layer = QuantLinear.from_quantized(qw)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=64))
+    state = {k: v for k, v in layer.state_dict().items() if k.startswith("weight")}
+    assert ("weight_zero_point" in state) == (not sym)
+    weight = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+    assert torch.equal(weight, qw.dequantize())
+
+
+def test_from_quantized_holds_only_packed_buffers():
+    qw = rtn(torch.randn(64, 256), 4, 128, sym=False)
+    bias = torch.randn(64)
+    layer = QuantLinear.from_quantized(qw, bias)
+    assert not hasattr(layer, "weight")
+    names = {n: t.dtype for n, t in layer.state_dict().items()}
+    assert names == {"weight_packed": torch.int32, "weight_scale": torch.float32, "weight_zero_point": torch.int32,
+                     "weight_shape": torch.int64, "bias": torch.float32}
+    assert layer.weight_packed.shape == (64, 32)
+    assert torch.equal(layer.codes(), qw.codes) and torch.equal(layer.zeros(), qw.zero)
+    assert torch.equal(layer.dequantize(), qw.dequantize())
+    sym = QuantLinear.from_quantized(rtn(torch.randn(64, 256), 4, 128, sym=True))
+    assert "weight_zero_point" not in sym.state_dict() and "weight_g_idx" not in sym.state_dict()
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch has no CPU int4 kernel")
+@pytest.mark.parametrize("sym", [True, False])
+def test_cpu_int4_kernel_matches_dequantized_reference(sym, monkeypatch):
+    qw = rtn(torch.randn(512, 2048), 4, 128, sym)
+    layer = QuantLinear.from_quantized(qw, torch.randn(512))
+    x = torch.randn(2, 3, 2048)
+    ref = x @ qw.dequantize().T + layer.bias
+    # Default: the kernel computes in bf16 (its fast path): bf16 activations and scales.
+    y = layer(x)
+    assert layer.kernel == "int4pack-cpu" and y.dtype == torch.float32 and y.shape == (2, 3, 512)
+    assert rel(y, ref) < 1e-2
+    # fp32 compute: the same kernel agrees to float32 rounding, so the zero mapping is exact.
+    monkeypatch.setattr(QuantLinear, "cpu_compute_dtype", None)
+    y32 = layer(x)
+    assert layer.kernel == "int4pack-cpu" and rel(y32, ref) < 1e-5
+    # bf16 inputs stay bf16
+    yb = layer(x.bfloat16())
+    assert yb.dtype == torch.bfloat16 and rel(yb, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sym", [True, False])
+def test_cuda_tinygemm_matches_dequantized_reference(sym):
+    qw = rtn(torch.randn(512, 2048), 4, 128, sym)
+    layer = QuantLinear.from_quantized(qw, torch.randn(512)).to("cuda")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.randn(3, 7, 2048, device="cuda", dtype=dtype)
+        ref = x.float() @ qw.dequantize().cuda().T + layer.bias
+        y = layer(x)
+        assert layer.kernel == "tinygemm-cuda" and y.dtype == dtype and y.shape == (3, 7, 512)
+        assert rel(y, ref) < 1e-2  # tinygemm computes in bf16
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch has no CPU int4 kernel")
+def test_kernel_zero_mapping_at_grid_edges(monkeypatch):
+    """z = 0 and z = 15 (and every value between) map to the kernel's float zero (8 - z) * scale exactly."""
+    monkeypatch.setattr(QuantLinear, "cpu_compute_dtype", None)
+    out, cols, gs = 16, 256, 128
+    codes = torch.randint(0, 16, (out, cols), dtype=torch.uint8)
+    zero = torch.arange(out * 2, dtype=torch.int32).reshape(out, 2) % 16
+    scale = torch.rand(out, 2) * 0.1 + 0.01
+    qw = QuantizedWeight(codes, scale, zero, torch.arange(cols, dtype=torch.int32) // gs, 4, gs, False)
+    layer = QuantLinear.from_quantized(qw)
+    x = torch.randn(4, cols)
+    assert rel(layer(x), x @ qw.dequantize().T) < 1e-5 and layer.kernel == "int4pack-cpu"
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch has no CPU int4 kernel")
+def test_many_rows_switch_to_dequant_unless_forced(monkeypatch):
+    qw = rtn(torch.randn(64, 256), 4, 128, sym=False)
+    layer = QuantLinear.from_quantized(qw)
+    x = torch.randn(QuantLinear.cpu_kernel_max_rows + 1, 256)
+    ref = x @ qw.dequantize().T
+    assert rel(layer(x), ref) < 1e-6 and layer.kernel == "dequant"
+    monkeypatch.setattr(QuantLinear, "cpu_kernel_max_rows", None)
+    assert rel(layer(x), ref) < 1e-2 and layer.kernel == "int4pack-cpu"
+
+
+def test_other_bits_and_act_order_use_the_dequant_path():
+    x = torch.randn(5, 256)
+    for bits in (3, 8):
+        qw = rtn(torch.randn(32, 256), bits, 64, sym=False)
+        layer = QuantLinear.from_quantized(qw)
+        assert rel(layer(x), x @ qw.dequantize().T) < 1e-6 and layer.kernel == "dequant"
+    # act-order: columns belong to groups in a permuted order -> g_idx is stored and honoured
+    qw = rtn(torch.randn(32, 256), 4, 64, sym=False)
+    qw.g_idx = qw.g_idx[torch.randperm(256)]
+    assert not trivial_g_idx(qw.g_idx, 64)
+    layer = QuantLinear.from_quantized(qw)
+    assert "weight_g_idx" in layer.state_dict()
+    assert rel(layer(x), x @ qw.dequantize().T) < 1e-6 and layer.kernel == "dequant"
+
+
+def test_kernel_cache_is_rebuilt_after_a_move():
+    layer = QuantLinear.from_quantized(rtn(torch.randn(32, 256), 4, 128, sym=False))
+    x = torch.randn(2, 256)
+    y = layer(x)
+    assert layer._cache and "_cache" not in layer.state_dict()
+    layer.to(torch.float64)  # casts the float scale; the cached kernel layout must not survive
+    assert not layer._cache
+    assert rel(layer(x.double()), y) < 1e-2
+
+
+def test_replace_linears_matches_fake_quant_model():
+    from conftest import tiny_config
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration(tiny_config()).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    quantized = {n: rtn(model.get_submodule(n).weight.data, 4, 128, sym=False) for n in names}
+    fake = copy.deepcopy(model)
+    for n, qw in quantized.items():
+        fake.get_submodule(n).weight.data = qw.dequantize()
+    replace_linears(model, quantized)
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
+    assert isinstance(model.proj_out, nn.Linear)
+    feats, dec = torch.randn(1, 80, 3000), torch.tensor([[50257, 50362, 100, 200]])
+    with torch.no_grad():
+        a = model(input_features=feats, decoder_input_ids=dec).logits
+        b = fake(input_features=feats, decoder_input_ids=dec).logits
+    assert rel(a, b) < 2e-2
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        replace_linears(model, {"model.encoder.conv1": quantized[names[0]]})
