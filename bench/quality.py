@@ -33,6 +33,8 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "tarq-rarebal-only": ("tarq", {"residual": False}, True),
     "tarq-residual-only": ("tarq", {"rarebal": False}, True),
     "tarq-frames": ("tarq", {"encoder_tagging": "frames"}, True),
+    "gptq-sym": ("gptq", {"sym": True}, True),
+    "tarq-sym": ("tarq", {"sym": True}, True),
 }
 
 
@@ -54,7 +56,7 @@ def split_ljspeech(n: int, seed: int, work: Path) -> tuple[Path, Path, list[str]
 
 
 def run_variant(model: str, model_dir: Path, variant: str, calib: Path, audio_only: Path, holdout: list[str],
-                work: Path, batch_size: int, eval_limit: int | None) -> dict:
+                work: Path, batch_size: int, eval_limit: int | None, holdout_limit: int | None) -> dict:
     from tarq.config import QuantConfig
     from tarq.evaluate import evaluate
     from tarq.pipeline import quantize_model
@@ -76,7 +78,8 @@ def run_variant(model: str, model_dir: Path, variant: str, calib: Path, audio_on
     evals = {}
     for data, files in (("commonvoice-en-100", None), ("ljspeech-holdout", holdout)):
         folder = SPEECH / ("ljspeech-385" if data.startswith("ljspeech") else data)
-        picked = files[:eval_limit] if files and eval_limit else files
+        limit_here = holdout_limit if files else eval_limit
+        picked = files[:limit_here] if files and limit_here else files
         res = evaluate(source, folder, batch_size=batch_size, files=picked,
                        limit=eval_limit if files is None else None)
         evals[data] = {k: getattr(res, k) for k in ("wer", "rare_wer", "common_wer", "utterances", "words",
@@ -151,6 +154,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-limit", type=int, default=None, help="first N clips of each eval set (quick runs)")
+    ap.add_argument("--holdout-limit", type=int, default=None,
+                    help="first N held-out LJSpeech clips (sorted by name) instead of all")
+    ap.add_argument("--report-only", action="store_true", help="only tabulate results already cached")
     ap.add_argument("--fresh", action="store_true", help="recompute cached results")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     args = ap.parse_args()
@@ -162,18 +168,21 @@ def main() -> None:
     calib, audio_only, holdout = split_ljspeech(args.calib_n, args.seed, args.work)
     rows = []
     for model in args.models.split(","):
-        model_dir = pull(model)
+        model_dir = None if args.report_only else pull(model)
         for variant in args.variants.split(","):
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-            key = cache / f"{model}-{variant}-n{args.calib_n}-s{args.seed}-l{args.eval_limit or 'all'}.json"
+            key = cache / (f"{model}-{variant}-n{args.calib_n}-s{args.seed}-l{args.eval_limit or 'all'}"
+                           f"-h{args.holdout_limit or 'all'}.json")
             if key.exists() and not args.fresh:
                 rows.append(json.loads(key.read_text()))
                 print(f"  {model} {variant}: cached", flush=True)
                 continue
+            if args.report_only:
+                continue
             t = time.perf_counter()
             row = run_variant(model, model_dir, variant, calib, audio_only, holdout, args.work,
-                              args.batch_size, args.eval_limit)
+                              args.batch_size, args.eval_limit, args.holdout_limit)
             row["wall_seconds"] = round(time.perf_counter() - t, 1)
             key.write_text(json.dumps(row, indent=1))
             rows.append(row)

@@ -1,0 +1,111 @@
+"""The `tarq` command line: quantize, transcribe, eval, models, serve, worker.
+
+Errors a user can cause print one line and exit non-zero; tracebacks are for bugs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import TarqError
+
+
+class TarqGroup(click.Group):
+    """Turns TarqError (and bad settings) from any subcommand into one clear line and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TarqError as e:
+            raise click.ClickException(str(e)) from None
+        except ValueError as e:
+            if type(e) is ValueError:  # our own validation; subclasses from libraries are bugs
+                raise click.ClickException(str(e)) from None
+            raise
+
+
+@click.group(cls=TarqGroup)
+@click.version_option(package_name="tarq")
+def main() -> None:
+    """Tail-aware 4-bit quantization of speech recognition models."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--calib", type=click.Path(path_type=Path), help="Folder of calibration audio (+ transcripts.tsv).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the artifact to.")
+@click.option("--method", type=click.Choice(["tarq", "gptq", "rtn"]), default="tarq", show_default=True)
+@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True)
+@click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid or uint + zero point.")
+@click.option("--num-samples", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--encoder-tagging", type=click.Choice(["common", "frames"]), default="common", show_default=True)
+@click.option("--no-rarebal", is_flag=True, help="TARQ without RAREBAL (ablation).")
+@click.option("--no-residual", is_flag=True, help="TARQ without the residual correction (ablation).")
+@click.option("--act-order", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Audio + transcripts.tsv to score FP and quantized.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
+def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batch_size, encoder_tagging,
+             no_rarebal, no_residual, act_order, seed, device, eval_data, force):
+    """Quantize MODEL (a Hub id or a local folder) and write a Hugging Face model folder."""
+    from tqdm import tqdm
+
+    from .config import QuantConfig
+    from .pipeline import quantize_model
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise click.ClickException(f"output folder {out} is not empty (use --force to overwrite)")
+    if method != "rtn" and calib is None:
+        raise click.ClickException(f"--calib is required for --method {method}")
+    device = _check_device(device)
+    config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, num_samples=num_samples,
+                         batch_size=batch_size, encoder_tagging=encoder_tagging, rarebal=not no_rarebal,
+                         residual=not no_residual, act_order=act_order, seed=seed)
+    bar = tqdm(total=0, unit="block", file=sys.stderr, dynamic_ncols=True)
+
+    def show(p):
+        if p.layers_total and bar.total != p.layers_total:
+            bar.total = p.layers_total
+        bar.set_description(p.stage)
+        if p.loss is not None:
+            bar.set_postfix(loss=f"{p.loss:.2e}")
+        bar.n = p.layer
+        bar.refresh()
+
+    try:
+        path = quantize_model(model, calib, out, config, device=device, progress=show, eval_dir=eval_data)
+    finally:
+        bar.close()
+    click.echo(str(path))
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.ClickException(f"--device {device}: CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise click.ClickException(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    return device
+
+
+def _register() -> None:
+    from .cli_models import models
+    from .cli_serve import serve, worker
+    from .cli_transcribe import eval_command, transcribe
+
+    main.add_command(transcribe)
+    main.add_command(eval_command, "eval")
+    main.add_command(models)
+    main.add_command(serve)
+    main.add_command(worker)
+
+
+_register()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""`tarq transcribe` and `tarq eval` (registered on the `tarq` group in tarq/cli.py).
+
+Errors a user can cause (TarqError) print one line and exit 1; tracebacks are for bugs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tarq.errors import TarqError
+from tarq.formats import FORMATS
+
+
+def _device(device: str) -> str:
+    from tarq.cli import _check_device  # noqa: PLC0415 -- cli imports this module at its end
+
+    return _check_device(device)
+
+
+def _quiet_transformers() -> None:
+    # Its per-load "Loading weights" bar would interleave with our output and progress bar.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+@click.command()
+@click.argument("model")
+@click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="Output format, as OpenAI's response_format.")
+@click.option("--language", default=None, help="Language code (multilingual models; detected when omitted).")
+@click.option("--prompt", default=None, help="Text to condition the first window on (spellings, names).")
+@click.option("--temperature", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
+@click.option("--word-timestamps", is_flag=True, help="Add word timings (verbose_json shows them).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps, device):
+    """Transcribe AUDIO files with MODEL (a model folder, Hub id, cached name or tarq artifact).
+
+    One file prints the body alone; several print JSON keyed by file (json formats) or each body
+    under a `==> file <==` header (text formats)."""
+    from tarq.audio import load_audio
+    from tarq.formats import render
+    from tarq.transcribe import load
+    from tarq.transcribe import transcribe as run
+
+    try:
+        device = _device(device)
+        clips = {str(path): load_audio(path) for path in audio}  # a bad file fails before the model loads
+        _quiet_transformers()
+        loaded_model, processor = load(model, device=device)
+        granularities = ("segment", "word") if word_timestamps else ("segment",)
+        bodies = {}
+        for name, clip in clips.items():
+            transcript = run(loaded_model, processor, clip, language=language, prompt=prompt,
+                             temperature=temperature, word_timestamps=word_timestamps)
+            bodies[name] = render(transcript, fmt, granularities=granularities)[0]
+    except TarqError as e:
+        raise click.ClickException(str(e)) from None
+    if fmt in ("json", "verbose_json"):
+        out = next(iter(bodies.values())) if len(bodies) == 1 else bodies
+        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    for name, body in bodies.items():
+        if len(bodies) > 1:
+            click.echo(f"==> {name} <==")
+        click.echo(body, nl=False)
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of audio + transcripts.tsv (file<TAB>reference).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path),
+              help="Write the result (with hypotheses) here.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Only the first N clips of transcripts.tsv.")
+@click.option("--zipf-threshold", type=float, default=3.0, show_default=True,
+              help="Rare = Zipf frequency below this.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+def eval_command(model, data_dir, json_out, batch_size, limit, zipf_threshold, device):
+    """WER, rare-WER and common-WER of MODEL on --data (greedy, English, normalized text)."""
+    from tqdm import tqdm
+
+    from tarq.evaluate import evaluate, format_table
+
+    bar = tqdm(total=0, unit="clip", file=sys.stderr, dynamic_ncols=True, desc="eval")
+
+    def show(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        device = _device(device)
+        _quiet_transformers()
+        result = evaluate(model, data_dir, batch_size=batch_size, limit=limit, zipf_threshold=zipf_threshold,
+                          device=device, progress=show)
+    except TarqError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        bar.close()
+    click.echo(format_table([result]))
+    if json_out is not None:
+        click.echo(f"wrote {result.write_json(json_out)}", err=True)

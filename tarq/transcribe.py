@@ -1,0 +1,422 @@
+"""Transcription with a (possibly quantized) Whisper model: one clip with segments and word timings
+for the CLI and the service, or many clips with one fixed greedy recipe for evaluation.
+
+Both go through transformers' `generate`, which handles audio longer than 30 s itself (sequential
+long-form decoding over 30 s windows, driven by timestamp tokens) when it gets the full,
+untruncated features. Compute stays in the model's dtype; on CPU load models in float32
+(float16 matmuls are ~3x slower there).
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tarq.errors import AudioError, ModelError
+from tarq.formats import LANGUAGES, Segment, Transcript, Word
+
+SAMPLE_RATE = 16000  # Whisper's; tarq.audio.load_audio returns audio at this rate
+WINDOW_SECONDS = 30.0  # one encoder pass; longer clips need timestamp-driven long-form decoding
+FRAMES_PER_SECOND = 100  # mel frames; OpenAI's `seek` is counted in them
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and caching
+
+
+def load(source: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, processor) for a model folder, a cached short name (whisper-tiny.en), a Hub id or a
+    tarq artifact, in eval mode. tarq.models.loader does the safety checks (safetensors only, no
+    remote code) and raises ModelError."""
+    from tarq.models.loader import load_whisper
+
+    model, processor = load_whisper(source, device=device)
+    model.eval()
+    return model, processor
+
+
+class ModelCache:
+    """Keeps the `max_models` most recently used (model, processor) pairs, keyed by (source, device).
+    A transcription worker serves many requests for a few models; loading costs seconds each time."""
+
+    def __init__(self, max_models: int = 2, loader=load):
+        if max_models < 1:
+            raise ValueError("max_models must be at least 1")
+        self.max_models = max_models
+        self._loader = loader
+        self._models: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, source: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+        key = (str(source), device)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            # Load under the lock: two threads asking for the same model must not load it twice.
+            loaded = self._loader(source, device=device)
+            self._models[key] = loaded
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return loaded
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return (str(key[0]), key[1]) in self._models
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model facts
+
+
+def is_multilingual(model) -> bool:
+    gc = model.generation_config
+    if getattr(gc, "is_multilingual", None) is not None:
+        return bool(gc.is_multilingual)
+    return bool(getattr(gc, "lang_to_id", None))
+
+
+def has_timestamps(model, processor) -> bool:
+    """Whether the tokenizer covers Whisper's <|0.00|> ... <|30.00|> tokens (some converted models
+    lack them) and the generation config knows <|notimestamps|>."""
+    tok = processor.tokenizer
+    first = tok.convert_tokens_to_ids("<|0.00|>")
+    ok = isinstance(first, int) and first != tok.unk_token_id and first < model.config.vocab_size
+    return ok and getattr(model.generation_config, "no_timestamps_token_id", None) is not None
+
+
+def has_alignment_heads(model) -> bool:
+    return bool(getattr(model.generation_config, "alignment_heads", None))
+
+
+def _eot_id(processor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+
+def _text_tokens(tokens, eot: int) -> list[int]:
+    # Every special and timestamp token sits at or above <|endoftext|> in Whisper's vocabularies.
+    return [int(t) for t in tokens if int(t) < eot]
+
+
+def _language_kwargs(model, language: str | None) -> dict[str, Any]:
+    """English-only models refuse language/task arguments (MODELS.md pitfall 9): send them only to
+    multilingual models; ask an English-only model for English and it simply works."""
+    if is_multilingual(model):
+        return {"language": language, "task": "transcribe"} if language else {"task": "transcribe"}
+    if language and language.lower() not in ("en", "english", "<|en|>"):
+        raise ModelError(f"this model is English-only; language {language!r} is not available")
+    return {}
+
+
+def _features(processor, audios: list[np.ndarray], model, long_form: bool) -> tuple[torch.Tensor, Any]:
+    """Log-mel features (and, for long-form, the attention mask saying where each clip ends)."""
+    if long_form:
+        # Untruncated features padded to the longest clip: transformers then runs long-form decoding.
+        f = processor.feature_extractor(
+            audios, sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False,
+            padding="longest", return_attention_mask=True,
+        )
+        mask = f.attention_mask.to(model.device)
+    else:
+        # Padded to 30 s; the mask (real frames) only sharpens word timings and is harmless otherwise.
+        f = processor.feature_extractor(
+            audios, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True
+        )
+        mask = f.attention_mask.to(model.device)
+    return f.input_features.to(model.device, model.dtype), mask
+
+
+def _check_audio(audio: np.ndarray) -> np.ndarray:
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise AudioError(f"expected mono audio (one dimension), got shape {audio.shape}")
+    if audio.size == 0:
+        raise AudioError("audio is empty")
+    return audio
+
+
+# ---------------------------------------------------------------------------------------------
+# One clip, with segments
+
+
+def transcribe(
+    model,
+    processor,
+    audio: np.ndarray,
+    *,
+    language: str | None = None,
+    prompt: str | None = None,
+    temperature: float = 0.0,
+    word_timestamps: bool = False,
+) -> Transcript:
+    """Transcribe one 16 kHz mono clip of any length.
+
+    Segments come from Whisper's timestamp tokens (one segment for the clip when the tokenizer has
+    none); `words` from cross-attention alignment (the model's alignment heads) when asked.
+    `language=None` lets a multilingual model detect it. `prompt` conditions the first window like
+    OpenAI's `prompt`. temperature 0 is greedy and deterministic; above 0 samples.
+    """
+    audio = _check_audio(audio)
+    duration = len(audio) / SAMPLE_RATE
+    timestamps = has_timestamps(model, processor)
+    long_form = duration > WINDOW_SECONDS
+    if long_form and not timestamps:
+        raise AudioError(
+            f"audio is {duration:.1f} s long; beyond {WINDOW_SECONDS:.0f} s this model needs timestamp "
+            "tokens, which its tokenizer lacks"
+        )
+    if word_timestamps and not has_alignment_heads(model):
+        raise ModelError(
+            "word timestamps need the model's alignment heads; this model's generation config has none"
+        )
+
+    features, mask = _features(processor, [audio], model, long_form)
+    kwargs: dict[str, Any] = _language_kwargs(model, language)  # None: a multilingual model detects it
+    if prompt:
+        kwargs["prompt_ids"] = processor.get_prompt_ids(prompt, return_tensors="pt").to(model.device)
+    if temperature and temperature > 0:
+        kwargs["temperature"] = float(temperature)
+        kwargs["do_sample"] = True
+    if word_timestamps:
+        kwargs["return_token_timestamps"] = True
+
+    windows: list[int] = []  # mel-frame offset of each 30 s window, in decoding order
+
+    def note_window(progress: torch.Tensor) -> None:
+        windows.append(int(progress[0, 0]))
+
+    with torch.inference_mode():
+        out = model.generate(
+            features,
+            attention_mask=mask,
+            return_timestamps=timestamps,
+            return_segments=True,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=True,
+            monitor_progress=note_window,
+            **kwargs,
+        )
+        raw_segments = out["segments"][0] if isinstance(out, dict) and "segments" in out else None
+        if raw_segments is None:  # short-form without timestamps returns a plain output
+            raw_segments = _single_segment(out, duration)
+        no_speech = _no_speech_probs(model, features, windows or [0], raw_segments, prompt_is_sot=timestamps)
+
+    eot = _eot_id(processor)
+    segments, words = _build_segments(
+        raw_segments, processor, eot, windows or [0], no_speech, temperature, duration, word_timestamps
+    )
+    text = "".join(s.text for s in segments).strip()
+    if language is None:
+        language = _detected_language(model, processor, raw_segments) if is_multilingual(model) else "en"
+    return Transcript(
+        text=text, language=language_code(language), duration=round(duration, 3),
+        segments=segments, words=words,
+    )
+
+
+def language_code(language: str) -> str:
+    """'en', 'English' or '<|en|>' -> 'en' (OpenAI takes codes; Whisper's tools also take names)."""
+    lang = language.strip().lower().strip("<|>")
+    by_name = {name: code for code, name in LANGUAGES.items()}
+    return by_name.get(lang, lang)
+
+
+def _detected_language(model, processor, raw_segments: list[dict]) -> str:
+    """The language token generate chose: it sits in the decoder prompt of the first window's output."""
+    lang_ids = set((getattr(model.generation_config, "lang_to_id", None) or {}).values())
+    for raw in raw_segments[:1]:
+        result = raw.get("result")
+        seq = result.get("sequences") if isinstance(result, dict) else None
+        if seq is not None:
+            for token in seq.reshape(-1).tolist():
+                if token in lang_ids:
+                    return processor.tokenizer.convert_ids_to_tokens(int(token)).strip("<|>")
+    return "unknown"
+
+
+def _single_segment(out, duration: float) -> list[dict]:
+    sequences = out["sequences"] if isinstance(out, dict) or hasattr(out, "sequences") else out
+    tokens = sequences[0]
+    return [{"start": 0.0, "end": duration, "tokens": tokens, "idxs": (0, len(tokens)), "result": out}]
+
+
+def _no_speech_probs(
+    model, features: torch.Tensor, windows: list[int], raw_segments: list[dict], prompt_is_sot: bool
+) -> list[float]:
+    """Whisper's no_speech_prob per window: the probability of <|nospeech|> (<|nocaptions|> in
+    English-only vocabularies) predicted right after <|startoftranscript|>, from raw logits (the
+    filtered scores suppress that token).
+
+    English-only models decoding with timestamps start each window right after
+    <|startoftranscript|>, so the raw logits of the first generated step are exactly that
+    prediction and cost nothing. Otherwise (language and task tokens follow it) the window's encoder
+    runs again for one decoder step: causal attention makes position 0 depend on that token alone.
+    """
+    gc = model.generation_config
+    no_ts = getattr(gc, "no_timestamps_token_id", None)
+    if no_ts is None:
+        return [0.0] * len(windows)
+    no_speech_id = no_ts - 1  # the same rule transformers uses
+
+    if prompt_is_sot and not is_multilingual(model):
+        # Segments of one window share its result; dicts keep the windows' order.
+        by_window = {id(r["result"]): r["result"] for r in raw_segments if isinstance(r.get("result"), dict)}
+        results = list(by_window.values())
+        first_logits = [r.get("logits")[0] for r in results if r.get("logits")]
+        if len(first_logits) == len(windows):
+            return [
+                float(lg.reshape(-1, lg.shape[-1])[0].float().softmax(-1)[no_speech_id])
+                for lg in first_logits
+            ]
+
+    n = int(WINDOW_SECONDS * FRAMES_PER_SECOND)
+    chunks = []
+    for seek in windows:
+        chunk = features[:, :, seek : seek + n]
+        if chunk.shape[-1] < n:
+            chunk = torch.nn.functional.pad(chunk, (0, n - chunk.shape[-1]))
+        chunks.append(chunk)
+    batch = torch.cat(chunks, dim=0)
+    start = torch.full((len(windows), 1), gc.decoder_start_token_id, dtype=torch.long, device=batch.device)
+    logits = model(input_features=batch, decoder_input_ids=start).logits[:, 0].float()
+    return logits.softmax(dim=-1)[:, no_speech_id].tolist()
+
+
+def _segment_logprob(seg: dict) -> float:
+    """Mean log-probability of the segment's tokens under the (filtered) scores generate used,
+    like openai/whisper's avg_logprob."""
+    result = seg.get("result")
+    if not isinstance(result, dict) or result.get("scores") is None or result.get("sequences") is None:
+        return 0.0
+    scores = result["scores"]
+    seq = result["sequences"]
+    seq = seq[0] if seq.dim() > 1 else seq
+    offset = seq.shape[-1] - len(scores)  # the decoder prompt precedes the generated tokens
+    lo, hi = seg["idxs"]
+    total, count = 0.0, 0
+    for pos in range(lo, hi):
+        step = pos - offset
+        if 0 <= step < len(scores) and pos < seq.shape[-1]:
+            step_scores = scores[step][0] if scores[step].dim() > 1 else scores[step]
+            logp = torch.log_softmax(step_scores.float(), dim=-1)[int(seq[pos])]
+            if torch.isfinite(logp):
+                total += float(logp)
+                count += 1
+    return total / count if count else 0.0
+
+
+def _compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _build_segments(
+    raw_segments: list[dict], processor, eot: int, windows: list[int], no_speech: list[float],
+    temperature: float, duration: float, word_timestamps: bool,
+) -> tuple[list[Segment], list[Word]]:
+    tok = processor.tokenizer
+    # Segments of one window share generate's result object; windows are decoded in order.
+    window_of: dict[int, int] = {}
+    segments: list[Segment] = []
+    words: list[Word] = []
+    for raw in raw_segments:
+        w = window_of.setdefault(id(raw.get("result")), len(window_of))
+        w = min(w, len(windows) - 1)
+        ids = [int(t) for t in raw["tokens"]]
+        text_ids = _text_tokens(ids, eot)
+        if not text_ids:
+            continue
+        text = tok.decode(text_ids)
+        if float(raw["start"]) >= duration:  # decoded from the padding after the clip's end
+            continue
+        start = float(raw["start"])
+        end = min(max(float(raw["end"]), start), duration)
+        segments.append(
+            Segment(
+                id=len(segments), seek=windows[w], start=round(start, 3), end=round(end, 3), text=text,
+                tokens=ids, temperature=float(temperature), avg_logprob=_segment_logprob(raw),
+                compression_ratio=_compression_ratio(text), no_speech_prob=float(no_speech[w]),
+            )
+        )
+        if word_timestamps and "token_timestamps" in raw:
+            words.extend(_words(ids, raw["token_timestamps"], tok, eot, duration))
+    return segments, words
+
+
+def _words(ids: list[int], times, tok, eot: int, duration: float) -> list[Word]:
+    """Group BPE pieces into words (a piece starting with a space opens a word) and time each word
+    from its first piece's start to the start of the token after its last piece (often the closing
+    timestamp). token_timestamps[i] is where token i begins, from dynamic time warping over the
+    alignment heads' cross-attention."""
+    times = [float(t) for t in times]
+    groups: list[list[int]] = []  # positions in `ids` of each word's pieces
+    for pos, token in enumerate(ids):
+        if token >= eot or pos >= len(times):
+            continue
+        if not groups or tok.decode([token]).startswith(" "):
+            groups.append([pos])
+        else:
+            groups[-1].append(pos)
+    out: list[Word] = []
+    for group in groups:
+        word = tok.decode([ids[p] for p in group]).strip()
+        if not word:
+            continue
+        start = min(times[group[0]], duration)
+        after = group[-1] + 1
+        end = min(times[after] if after < len(times) else duration, duration)
+        out.append(Word(word=word, start=round(start, 3), end=round(max(end, start), 3)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Many clips, one recipe (evaluation)
+
+
+def transcribe_batch(
+    model, processor, audios: list[np.ndarray], *, language: str = "en", batch_size: int = 8
+) -> list[str]:
+    """Texts for many clips with one recipe for every model: greedy, no prompt, no timestamps for
+    clips up to 30 s (batched); longer clips go one at a time through long-form decoding (it needs
+    timestamps, and batching it would change results with the batch's make-up)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    audios = [_check_audio(a) for a in audios]
+    eot = _eot_id(processor)
+    kwargs = _language_kwargs(model, language)
+    texts: list[str | None] = [None] * len(audios)
+    short = [i for i, a in enumerate(audios) if len(a) / SAMPLE_RATE <= WINDOW_SECONDS]
+    long = [i for i, a in enumerate(audios) if len(a) / SAMPLE_RATE > WINDOW_SECONDS]
+    with torch.inference_mode():
+        for lo in range(0, len(short), batch_size):
+            idx = short[lo : lo + batch_size]
+            features, _ = _features(processor, [audios[i] for i in idx], model, long_form=False)
+            sequences = model.generate(
+                features, return_timestamps=False, do_sample=False, num_beams=1, **kwargs
+            )
+            for i, seq in zip(idx, sequences):
+                texts[i] = processor.tokenizer.decode(_text_tokens(seq.tolist(), eot)).strip()
+        for i in long:
+            if not has_timestamps(model, processor):
+                raise AudioError(
+                    f"clip {i} is longer than {WINDOW_SECONDS:.0f} s and this model has no timestamp tokens"
+                )
+            features, mask = _features(processor, [audios[i]], model, long_form=True)
+            sequences = model.generate(
+                features, attention_mask=mask, return_timestamps=True, do_sample=False, num_beams=1, **kwargs
+            )
+            texts[i] = processor.tokenizer.decode(_text_tokens(sequences[0].tolist(), eot)).strip()
+    return [t or "" for t in texts]

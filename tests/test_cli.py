@@ -1,0 +1,84 @@
+"""The `tarq` command line as a user runs it: real subprocesses, one-line errors, non-zero exits."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def tarq(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "tarq.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("Error")]
+    assert len(err) == 1, proc.stderr
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def test_quantize_then_transcribe(tiny_whisper_dir, calib_dir, tmp_path):
+    out = tmp_path / "art"
+    proc = tarq("quantize", tiny_whisper_dir, "--calib", calib_dir, "--out", out, "--method", "tarq",
+                "--num-samples", 4, "--batch-size", 4)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    assert "decoder" in proc.stderr  # the progress bar names the stage
+    report = json.loads((out / "tarq_report.json").read_text())
+    assert report["calibration"]["clips"] == 4
+    clip = sorted(calib_dir.glob("*.flac"))[0]
+    proc = tarq("transcribe", out, clip, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert "text" in json.loads(proc.stdout)
+
+
+def test_quantize_rtn_needs_no_calibration(tiny_whisper_dir, tmp_path):
+    proc = tarq("quantize", tiny_whisper_dir, "--out", tmp_path / "r", "--method", "rtn", "--sym")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+def test_errors_are_one_line(tiny_whisper_dir, calib_dir, tmp_path):
+    not_model = tmp_path / "not-a-model"
+    not_model.mkdir()
+    one_line_error(tarq("quantize", not_model, "--out", tmp_path / "o", "--method", "rtn"), "no config.json")
+    one_line_error(tarq("quantize", tiny_whisper_dir, "--out", tmp_path / "o"), "--calib is required")
+    bad = tmp_path / "bad-calib"
+    bad.mkdir()
+    (bad / "noise.wav").write_bytes(b"RIFF" + bytes(range(256)) * 4)
+    one_line_error(tarq("quantize", tiny_whisper_dir, "--calib", bad, "--out", tmp_path / "o", "--method", "gptq"),
+                   "noise.wav")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("keep me")
+    one_line_error(tarq("quantize", tiny_whisper_dir, "--out", full, "--method", "rtn"), "not empty")
+    assert (full / "x").read_text() == "keep me"
+    fake = tmp_path / "fake.mp3"
+    fake.write_bytes(b"\x00" * 100)
+    one_line_error(tarq("transcribe", tiny_whisper_dir, fake), "fake.mp3")
+
+
+def test_eval_writes_json(tiny_whisper_dir, calib_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = tarq("eval", tiny_whisper_dir, "--data", calib_dir, "--json", out, "--limit", 2)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert {"wer", "rare_wer", "common_wer", "utterances", "rare_words", "seconds", "hypotheses"} <= res.keys()
+    assert res["utterances"] == 2 and len(res["hypotheses"]) == 2
+
+
+def test_models_list_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tarq.cli", "models", "list"], capture_output=True, text=True,
+                          env={"TARQ_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("tarq") is None, reason="console script not installed")
+def test_console_script_installed():
+    proc = subprocess.run(["tarq", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "quantize" in proc.stdout

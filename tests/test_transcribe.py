@@ -1,0 +1,239 @@
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tarq.errors import AudioError, ModelError
+from tarq.formats import FORMATS, Transcript, render
+from tarq.transcribe import (
+    ModelCache, has_alignment_heads, has_timestamps, load, transcribe, transcribe_batch,
+)
+
+SR = 16000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on the shared 2-core machine, two threads fighting other jobs run ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def short_whisper_dir(tiny_whisper_dir, tmp_path_factory) -> Path:
+    """The shared tiny random Whisper, but stopping after a few tokens: random weights never say
+    <|endoftext|>, and 448 steps per window would make these tests slow."""
+    out = tmp_path_factory.mktemp("short") / "tiny-whisper"
+    shutil.copytree(tiny_whisper_dir, out)
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen["max_length"] = 16
+    (out / "generation_config.json").write_text(json.dumps(gen))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(short_whisper_dir):
+    return load(short_whisper_dir)
+
+
+def noise(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.1 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def test_model_facts(tiny):
+    model, processor = tiny
+    assert has_timestamps(model, processor)
+    assert has_alignment_heads(model)
+
+
+def test_transcribe_renders_every_format(tiny):
+    from openai.types.audio import TranscriptionVerbose
+
+    model, processor = tiny
+    t = transcribe(model, processor, noise(4.0), word_timestamps=True)
+    assert isinstance(t, Transcript)
+    assert t.language == "en" and t.duration == 4.0
+    assert t.text == "".join(s.text for s in t.segments).strip()
+    for s in t.segments:
+        assert 0.0 <= s.start <= s.end <= t.duration
+        assert s.seek == 0 and s.temperature == 0.0 and 0.0 <= s.no_speech_prob <= 1.0
+        assert s.tokens and s.avg_logprob <= 0.0
+    for w in t.words:
+        assert 0.0 <= w.start <= w.end <= t.duration and w.word == w.word.strip()
+    for fmt in FORMATS:
+        body, media = render(t, fmt, granularities=("segment", "word"))
+        assert body is not None and media
+    verbose = render(t, "verbose_json", granularities=("segment", "word"))[0]
+    assert TranscriptionVerbose.model_validate(verbose).duration == 4.0
+    assert Transcript.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+
+
+def test_greedy_is_deterministic_and_prompt_is_accepted(tiny):
+    model, processor = tiny
+    a = noise(3.0, seed=1)
+    assert transcribe(model, processor, a) == transcribe(model, processor, a)
+    prompted = transcribe(model, processor, a, prompt="Quilter, Newgate")
+    assert isinstance(prompted, Transcript)  # random weights: the text itself means nothing
+
+
+def test_sampling_temperature(tiny):
+    model, processor = tiny
+    t = transcribe(model, processor, noise(2.0), temperature=0.7)
+    assert all(s.temperature == 0.7 for s in t.segments)
+
+
+def test_language_code():
+    from tarq.transcribe import language_code
+
+    assert language_code("English") == language_code("<|en|>") == language_code("en") == "en"
+    assert language_code("haitian creole") == "ht"
+
+
+def test_long_audio_uses_long_form(tiny):
+    model, processor = tiny
+    audio = np.concatenate([noise(15.0, seed=s) for s in range(3)])  # 45 s
+    t = transcribe(model, processor, audio)
+    assert t.duration == 45.0
+    assert all(0.0 <= s.start <= s.end <= 45.0 for s in t.segments)
+    assert all(s.seek % 1 == 0 and 0 <= s.seek < 4500 for s in t.segments)
+    [text] = transcribe_batch(model, processor, [audio])
+    assert isinstance(text, str)
+
+
+def test_batch_equals_one_by_one(tiny):
+    model, processor = tiny
+    audios = [noise(d, seed=i) for i, d in enumerate((1.0, 2.5, 4.0, 0.5, 3.0))]
+    batched = transcribe_batch(model, processor, audios, batch_size=3)
+    single = [transcribe_batch(model, processor, [a], batch_size=1)[0] for a in audios]
+    assert batched == single
+    assert len(batched) == 5
+
+
+def test_english_only_model_refuses_other_languages(tiny):
+    model, processor = tiny
+    assert transcribe(model, processor, noise(1.0), language="en").language == "en"
+    with pytest.raises(ModelError, match="English-only.*'fr'"):
+        transcribe(model, processor, noise(1.0), language="fr")
+
+
+def test_word_timestamps_need_alignment_heads(tiny):
+    model, processor = tiny
+    heads = model.generation_config.alignment_heads
+    model.generation_config.alignment_heads = None
+    try:
+        with pytest.raises(ModelError, match="alignment heads"):
+            transcribe(model, processor, noise(1.0), word_timestamps=True)
+    finally:
+        model.generation_config.alignment_heads = heads
+
+
+def test_bad_audio(tiny):
+    model, processor = tiny
+    with pytest.raises(AudioError, match="empty"):
+        transcribe(model, processor, np.zeros(0, dtype=np.float32))
+    with pytest.raises(AudioError, match="mono"):
+        transcribe_batch(model, processor, [np.zeros((2, 100), dtype=np.float32)])
+
+
+def test_load_refuses_non_model(tmp_path):
+    with pytest.raises(ModelError):
+        load(tmp_path)
+
+
+def test_model_cache_is_lru():
+    calls = []
+
+    def loader(source, device="cpu"):
+        calls.append((source, device))
+        return object(), object()
+
+    cache = ModelCache(max_models=2, loader=loader)
+    a = cache.get("a")
+    assert cache.get("a") is a and calls == [("a", "cpu")]
+    cache.get("b")
+    cache.get("a")  # a is now the most recent
+    cache.get("c")  # evicts b
+    assert ("a", "cpu") in cache and ("b", "cpu") not in cache and len(cache) == 2
+    cache.get("a", "cuda")  # the device is part of the key
+    assert calls[-1] == ("a", "cuda")
+    with pytest.raises(ValueError):
+        ModelCache(max_models=0)
+
+
+# --- real weights ---------------------------------------------------------------------------------
+
+LJ = Path(__file__).resolve().parents[1].parent / "shared/data/speech/ljspeech-385"
+
+
+@pytest.fixture(scope="module")
+def tiny_en():
+    from tarq.hub import cached
+
+    path = cached("whisper-tiny.en")
+    if path is None:
+        pytest.skip("whisper-tiny.en is not in the model cache (tarq models pull whisper-tiny.en)")
+    if not LJ.is_dir():
+        pytest.skip(f"real speech not found at {LJ}")
+    return load(path)
+
+
+@pytest.mark.slow
+def test_real_transcription(tiny_en):
+    from tarq.audio import load_audio
+    from tarq.metrics import score
+
+    model, processor = tiny_en
+    audio = load_audio(LJ / "LJ001-0001.flac")
+    t = transcribe(model, processor, audio, word_timestamps=True)
+    ref = ("Printing, in the only sense with which we are at present concerned, differs from most if not "
+           "from all the arts and crafts represented in the Exhibition")
+    assert score([ref], [t.text]).wer < 15
+    assert t.words[0].word.lower().startswith("printing") and t.words[0].start < 1.5
+    assert all(a.start <= b.start for a, b in zip(t.words, t.words[1:]))
+    srt = render(t, "srt")[0]
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:0")
+
+
+@pytest.mark.slow
+def test_real_long_form(tiny_en):
+    """A 40 s concatenation: long-form decoding must cover the end of the audio, not stop at 30 s."""
+    from tarq.audio import load_audio, read_transcripts
+    from tarq.metrics import score
+
+    model, processor = tiny_en
+    names = [f"LJ001-000{i}.flac" for i in range(1, 7)]
+    refs = read_transcripts(LJ / "transcripts.tsv")
+    audio = np.concatenate([load_audio(LJ / n) for n in names])
+    assert len(audio) / SR > 30
+    t = transcribe(model, processor, audio)
+    ref = " ".join(refs[n] for n in names)
+    assert score([ref], [t.text]).wer < 20
+    assert t.segments[-1].end > 35 and t.segments[-1].seek > 0
+    [text] = transcribe_batch(model, processor, [audio])
+    assert score([ref], [text]).wer < 20
+
+
+@pytest.mark.slow
+def test_real_batch_timing(tiny_en, capsys):
+    """Batch 8 must give the same texts as batch 1; prints the per-clip time of each."""
+    from tarq.audio import load_audio
+
+    model, processor = tiny_en
+    audios = [load_audio(LJ / f"LJ001-00{i:02d}.flac") for i in range(10, 18)]
+    t0 = time.perf_counter()
+    one = [transcribe_batch(model, processor, [a], batch_size=1)[0] for a in audios]
+    t1 = time.perf_counter()
+    eight = transcribe_batch(model, processor, audios, batch_size=8)
+    t2 = time.perf_counter()
+    assert one == eight
+    with capsys.disabled():
+        print(f"\nwhisper-tiny.en per clip: batch 1 {(t1 - t0) / 8:.2f} s, batch 8 {(t2 - t1) / 8:.2f} s")
