@@ -33,6 +33,7 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "tarq-rarebal-only": ("tarq", {"residual": False}, True),
     "tarq-residual-only": ("tarq", {"rarebal": False}, True),
     "tarq-frames": ("tarq", {"encoder_tagging": "frames"}, True),
+    "tarq-full-residual": ("tarq", {"residual_step": "full"}, True),
     "gptq-sym": ("gptq", {"sym": True}, True),
     "tarq-sym": ("tarq", {"sym": True}, True),
 }

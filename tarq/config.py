@@ -6,6 +6,7 @@ from typing import Literal
 
 Method = Literal["tarq", "gptq", "rtn"]
 EncoderTagging = Literal["common", "frames"]
+ResidualStep = Literal["paper", "full"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class QuantConfig:
     rarebal: bool = True
     residual: bool = True
     lambda_cost: float = 1.0  # c in lambda = c * tr(Hc) / tr(Ht)
+    # "paper": alpha = <E, D>_H / <D, D>_H as TARQ.md gives it; "full": alpha = 1, the plain
+    # least-squares target W + D (an experiment of this project, not the paper's method)
+    residual_step: ResidualStep = "paper"
     encoder_tagging: EncoderTagging = "common"
     # calibration
     num_samples: int = 128
@@ -41,6 +45,8 @@ class QuantConfig:
             raise ValueError(f"damp must be in (0, 1), not {self.damp}")
         if self.encoder_tagging not in ("common", "frames"):
             raise ValueError(f"encoder_tagging must be common or frames, not {self.encoder_tagging!r}")
+        if self.residual_step not in ("paper", "full"):
+            raise ValueError(f"residual_step must be paper or full, not {self.residual_step!r}")
         if self.num_samples <= 0 or self.batch_size <= 0:
             raise ValueError("num_samples and batch_size must be positive")
         if self.lambda_cost <= 0:

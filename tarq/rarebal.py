@@ -107,11 +107,12 @@ class TarqSolve:
 def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int, sym: bool, damp: float,
                block_size: int = 128, act_order: bool = False, use_rarebal: bool = True,
                use_residual: bool = True, cost: float = 1.0, with_rtn: bool = True,
-               splits: list[int] | None = None) -> TarqSolve:
+               splits: list[int] | None = None, full_step: bool = False) -> TarqSolve:
     """Pilot GPTQ on H_rb, residual step alpha D, final GPTQ on W + alpha D (TARQ.md steps 2-3).
 
     W may stack several layers that read the same input (q/k/v): `splits` gives their row counts,
-    and each layer gets its own alpha while both GPTQ passes run once over the stack."""
+    and each layer gets its own alpha while both GPTQ passes run once over the stack. `full_step`
+    replaces the paper's alpha by 1 (the least-squares target itself)."""
 
     H, lam = rarebal(stats, cost) if use_rarebal else (stats.H, 1.0)
     solve = dict(bits=bits, group_size=group_size, sym=sym, damp=damp, block_size=block_size,
@@ -126,7 +127,7 @@ def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int
     alphas, target, start = [], W.clone(), 0
     for rows in splits or [W.shape[0]]:
         part = slice(start, start + rows)
-        alpha = residual_alpha(E[part], D[part], H)
+        alpha = 1.0 if full_step else residual_alpha(E[part], D[part], H)
         target[part] += alpha * D[part]
         alphas.append(alpha)
         start += rows

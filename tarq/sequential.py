@@ -145,7 +145,7 @@ class Driver:
         solved = tarq_solve(
             W, stats, bits=c.bits, group_size=c.group_size, sym=c.sym, damp=c.damp, block_size=c.block_size,
             act_order=c.act_order, use_rarebal=self.tagged, use_residual=self.two_streams,
-            cost=c.lambda_cost, splits=[lin.out_features for lin in lins])
+            cost=c.lambda_cost, splits=[lin.out_features for lin in lins], full_step=c.residual_step == "full")
         H = solved.H
         seconds = (time.perf_counter() - start) / len(lins)
         rel = lambda A, B: h_loss(A, B, H) / max(h_loss(A, torch.zeros_like(A), H), 1e-30)  # noqa: E731

@@ -112,3 +112,22 @@ def test_stats_need_x_fp_when_tracking_drift():
     st = LayerStats(8, with_delta=True)
     with pytest.raises(ValueError, match="x_fp"):
         st.add(torch.randn(4, 8))
+
+
+def test_full_step_targets_the_least_squares_fix():
+    from tarq.gptq import gptq
+
+    g = torch.Generator().manual_seed(4)
+    x_fp = torch.randn(800, 128, generator=g)
+    x = x_fp * 1.1 + 0.05
+    W = torch.randn(8, 128, generator=g)
+    st = stats_from(x, None, x_fp)
+    kw = dict(bits=4, group_size=128, sym=False, damp=0.01)
+    res = tarq_solve(W, st, use_rarebal=False, use_residual=True, full_step=True, **kw)
+    assert res.alphas == [1.0]
+    D = drift_direction(W, st.H, st.Hdelta, 0.01)
+    assert torch.allclose(res.result.weight, gptq(W + D, st.H, **kw).weight, atol=1e-5)
+    # the least-squares target brings the quantized outputs closer to the full-precision ones
+    plain = tarq_solve(W, st, use_rarebal=False, use_residual=False, **kw)
+    err = lambda Q: float(((x @ Q.T - x_fp @ W.T) ** 2).sum())  # noqa: E731
+    assert err(res.result.weight) < err(plain.result.weight)
