@@ -11,6 +11,9 @@ import click
 from .errors import TarqError
 
 
+ML_MODULES = {"torch", "transformers", "safetensors", "compressed_tensors", "wordfreq", "jiwer", "tokenizers"}
+
+
 class TarqGroup(click.Group):
     """Turns TarqError (and bad settings) from any subcommand into one clear line and exit code 1."""
 
@@ -19,6 +22,10 @@ class TarqGroup(click.Group):
             return super().invoke(ctx)
         except TarqError as e:
             raise click.ClickException(str(e)) from None
+        except ModuleNotFoundError as e:
+            if e.name and e.name.split(".")[0] in ML_MODULES:
+                raise click.ClickException(f"this command needs {e.name}: pip install 'tarq[ml]'") from None
+            raise
         except ValueError as e:
             if type(e) is ValueError:  # our own validation; subclasses from libraries are bugs
                 raise click.ClickException(str(e)) from None

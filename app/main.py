@@ -1,0 +1,168 @@
+"""The FastAPI application: create_app() wires routers, error handlers, auth and the stale-job reaper.
+
+Run it with `tarq serve`, or `uvicorn --factory app.main:create_app`. Nothing heavy happens at import:
+settings, the database and the queue are touched in the lifespan and in dependencies.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from anyio import to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import jobs
+from app.auth import check_key
+from app.schemas import ApiError, error_body
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("tarq.api")
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+MULTIPART_SLACK = 1 << 20  # form fields and part headers on top of the files themselves
+
+
+def error_response(status: int, message: str, **kw) -> JSONResponse:
+    headers = kw.pop("headers", None)
+    return JSONResponse(error_body(status, message, **kw), status_code=status, headers=headers)
+
+
+def _settings_for(app: FastAPI) -> Settings:
+    # honour a test's dependency override in the middleware and the lifespan too
+    return app.dependency_overrides.get(get_settings, get_settings)()
+
+
+def reap_once(settings: Settings) -> list[tuple[str, str]]:
+    """Hand lost running jobs back to the queue (or fail them); see jobs.reap_stale."""
+    from app.db import get_engine
+    from app.deps import celery_client
+    from app.routes.quantizations import send_quantize
+
+    engine = get_engine(settings.database)
+    done = jobs.reap_stale(engine, settings.stale_after_seconds, settings.max_attempts)
+    for job_id, status in done:
+        log.warning("job %s lost its worker; now %s", job_id, status)
+        if status == jobs.QUEUED:
+            try:
+                send_quantize(celery_client(settings), job_id)
+            except Exception as err:
+                log.error("could not requeue job %s: %s", job_id, err)
+    return done
+
+
+def create_app() -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings = _settings_for(app)
+        settings.ensure_dirs()
+        if not settings.key_hashes():
+            log.warning("no API key configured: every request will be refused (set TARQ_API_KEYS)")
+        try:
+            from app.db import get_engine
+
+            await to_thread.run_sync(get_engine, settings.database)  # creates the tables
+        except Exception as err:  # the API still starts; /readyz reports the database down
+            log.error("database unavailable at startup: %s", err)
+
+        async def reaper():
+            interval = max(1.0, min(30.0, settings.stale_after_seconds / 4))
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await to_thread.run_sync(reap_once, settings)
+                except Exception as err:
+                    log.warning("reaper: %s", err)
+
+        task = asyncio.create_task(reaper())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(
+        title="tarq",
+        version=_version(),
+        summary="Tail-aware quantization of Whisper models, as a job API, plus OpenAI-compatible transcription.",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Refuse unauthenticated or oversize requests before their body is read."""
+        from app.routes.health import REQUESTS
+
+        path = request.url.path
+        if path not in OPEN_PATHS:
+            settings = _settings_for(app)
+            try:
+                check_key(request.headers.get("authorization"), settings)
+            except ApiError as err:
+                return error_response(err.status, err.message, type=err.type, code=err.code, headers=err.headers)
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and request.method in ("POST", "PUT", "PATCH"):
+                limit = settings.max_file_bytes if path.startswith("/v1/audio") else settings.max_total_bytes
+                if int(length) > limit + MULTIPART_SLACK:
+                    return error_response(413, f"request body of {length} bytes is over the limit of {limit} "
+                                               "bytes (TARQ_MAX_TOTAL_BYTES / TARQ_MAX_FILE_BYTES)",
+                                          code="upload_too_large")
+        response = await call_next(request)
+        route = request.scope.get("route")
+        REQUESTS.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, err: ApiError):
+        return error_response(err.status, err.message, type=err.type, param=err.param, code=err.code,
+                              headers=err.headers)
+
+    @app.exception_handler(jobs.JobNotFound)
+    @app.exception_handler(jobs.ModelNotFound)
+    async def not_found(_request: Request, err: LookupError):
+        return error_response(404, str(err), code="not_found")
+
+    @app.exception_handler(jobs.IllegalTransition)
+    async def conflict(_request: Request, err: jobs.IllegalTransition):
+        return error_response(409, str(err), code="illegal_state_change")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        field = ".".join(where) or None
+        message = f"field {field!r}: {first.get('msg', 'invalid')}" if field else first.get("msg", "invalid request")
+        return error_response(422, message, param=field, code="invalid_field")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException):
+        message = err.detail if isinstance(err.detail, str) else "request refused"
+        return error_response(err.status_code, message, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_down(_request: Request, err: SQLAlchemyError):
+        log.error("database error: %s", err)
+        return error_response(503, "the job database is unavailable; try again shortly", type="server_error",
+                              code="database_unavailable")
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, err: Exception):
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(err).__name__}", type="server_error")
+
+    from app.routes import health, models, quantizations, transcriptions
+
+    for module in (health, quantizations, models, transcriptions):
+        app.include_router(module.router)
+    return app
+
+
+def _version() -> str:
+    try:
+        from tarq import __version__
+
+        return __version__
+    except ImportError:
+        return "0"

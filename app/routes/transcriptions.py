@@ -1,0 +1,124 @@
+"""POST /v1/audio/transcriptions, shaped like OpenAI's so the official client works unmodified.
+
+The API checks the upload, stores it, sends `tarq.transcribe` by name to the `transcribe` queue and
+waits for the worker's Transcript, which it renders with tarq.formats (torch-free)."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from app import jobs
+from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
+from app.routes.quantizations import PUBLISH_RETRY
+from app.schemas import ERROR_RESPONSES, ApiError
+from app.settings import Settings
+from app.uploads import Budget, check_audio, check_model_source, copy_limited, safe_name
+
+log = logging.getLogger("tarq.api")
+router = APIRouter(prefix="/v1/audio", tags=["audio"], responses=ERROR_RESPONSES)
+WHISPER_1 = "whisper-1"
+
+
+def resolve_model(model: str, settings: Settings, engine) -> dict:
+    """{"artifact": id} for a model made here, {"source": hub id or folder} for a base model."""
+    model = (model or "").strip()
+    if model == WHISPER_1 and settings.default_model:
+        model = settings.default_model
+    try:
+        jobs.get_model(engine, model)
+        return {"artifact": model}
+    except jobs.ModelNotFound:
+        pass
+    try:
+        return {"source": check_model_source(model, settings)}
+    except ApiError as err:
+        raise ApiError(404, f"model {model!r} is neither a model of this server (GET /v1/models) nor an allowed "
+                            f"base model: {err.message}", param="model", code="model_not_found") from None
+
+
+@router.post("/transcriptions", responses={200: {"content": {"application/json": {}, "text/plain": {}}}})
+def create_transcription(
+    settings: SettingsDep,
+    engine: EngineDep,
+    storage: StorageDep,
+    celery: CeleryDep,
+    _: KeyDep,
+    file: Annotated[UploadFile, File()],
+    model: Annotated[str, Form()],
+    language: Annotated[str | None, Form(max_length=16)] = None,
+    prompt: Annotated[str | None, Form(max_length=4000)] = None,
+    temperature: Annotated[float, Form(ge=0.0, le=1.0)] = 0.0,
+    response_format: Annotated[str, Form()] = "json",
+    timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
+):
+    from tarq.formats import LANGUAGES, Transcript, check_format, check_granularities, render
+
+    try:
+        check_format(response_format)
+        granularities = check_granularities(timestamp_granularities or ["segment"])
+    except ValueError as err:
+        raise ApiError(422, str(err), param="response_format") from None
+    if timestamp_granularities and response_format != "verbose_json":
+        raise ApiError(422, "timestamp_granularities[] needs response_format verbose_json",
+                       param="timestamp_granularities[]")
+    if language is not None and language not in LANGUAGES:
+        raise ApiError(422, f"language {language!r} is not an ISO-639-1 code Whisper knows", param="language")
+    source = resolve_model(model, settings, engine)
+
+    request_id = jobs.new_id()
+    name = safe_name(file.filename or "audio", "file")
+    staging = settings.data_dir / "staging" / request_id
+    staging.mkdir(parents=True, exist_ok=True)
+    key = f"tmp/{request_id}/{name}"
+    try:
+        copy_limited(file.file, staging / name, name, Budget(settings))
+        check_audio(staging / name, name, settings, "file")
+        storage.put_file(staging / name, key)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    payload = {"model": source, "audio_key": key, "name": name, "language": language, "prompt": prompt,
+               "temperature": temperature, "word_timestamps": "word" in granularities}
+    started = time.perf_counter()
+    try:
+        try:
+            result = celery.send_task("tarq.transcribe", args=[payload], queue="transcribe",
+                                      retry_policy=PUBLISH_RETRY)
+        except Exception as err:
+            raise ApiError(503, f"the job queue (broker) is unavailable: {type(err).__name__}", type="server_error",
+                           code="broker_unavailable") from None
+        try:
+            answer = result.get(timeout=settings.transcribe_wait_seconds, propagate=True)
+        except Exception as err:
+            from celery.exceptions import TimeoutError as CeleryTimeout
+
+            if isinstance(err, CeleryTimeout):
+                raise ApiError(504, f"no worker answered within {settings.transcribe_wait_seconds:g} s",
+                               type="server_error", code="timeout") from None
+            log.exception("transcription %s failed in the worker", request_id)
+            raise ApiError(500, f"transcription failed in the worker: {type(err).__name__}: {err}",
+                           type="server_error") from None
+        finally:
+            try:
+                result.forget()
+            except Exception:  # some backends cannot forget; the result expires anyway
+                pass
+    finally:
+        storage.delete(f"tmp/{request_id}")
+    from app.routes.health import TRANSCRIBE_SECONDS
+
+    TRANSCRIBE_SECONDS.observe(time.perf_counter() - started)
+    if "error" in answer:
+        err = answer["error"]
+        status = 422 if err.get("type") in ("AudioError", "ModelError", "CalibrationError") else 500
+        raise ApiError(status, err.get("message", "transcription failed"), param="file" if status == 422 else None,
+                       code=err.get("type"))
+    body, media = render(Transcript.from_dict(answer["transcript"]), response_format, granularities=granularities)
+    if isinstance(body, dict):
+        return JSONResponse(body)
+    return PlainTextResponse(body, media_type=media)

@@ -1,0 +1,178 @@
+"""Service settings, read once from the environment (TARQ_ prefix).
+
+Every default is the embedded mode: one machine, no Redis, no Docker. Celery runs over kombu's
+filesystem transport in folders under the data dir, job records live in SQLite there, and
+uploads/artifacts in a local folder there. Pointing TARQ_BROKER_URL at redis://, TARQ_DATABASE_URL
+at postgresql+psycopg:// and TARQ_STORAGE_URL at s3:// gives the scaled-out deployment with no code
+change. This module imports neither celery nor sqlalchemy: the worker and the API both read it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+QUEUES = ("quantize", "transcribe")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "tarq"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TARQ_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    broker_url: str = ""  # empty: filesystem:// under data_dir/broker
+    result_backend: str = ""  # empty: redis broker -> same redis; otherwise db+sqlite under data_dir
+    database_url: str = ""  # empty: sqlite:///data_dir/tarq.sqlite
+    storage_url: str = ""  # empty: data_dir/storage; or s3://bucket/prefix
+    s3_endpoint_url: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_region: str = ""
+    # Comma-separated keys; an entry "sha256:<hex>" is an already-hashed key, so a deployment can keep
+    # plaintext keys out of its environment altogether.
+    api_keys: str = ""
+    model_roots: str = ""  # comma-separated server folders a job may name as its model
+
+    # upload limits
+    max_files: int = 512
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_total_bytes: int = 1024 * 1024 * 1024
+    max_audio_seconds: float = 600.0
+    max_archive_ratio: float = 200.0  # uncompressed/compressed, per member: zip bombs go far beyond this
+
+    # jobs
+    heartbeat_seconds: float = 5.0
+    stale_after_seconds: float = 120.0  # a running job whose heartbeat is older is presumed lost
+    max_attempts: int = 3
+    quantize_time_limit: int = 6 * 3600
+    transcribe_time_limit: int = 600
+    transcribe_wait_seconds: float = 600.0
+    device: str = "auto"  # worker device: auto (cuda if present), cpu, cuda, cuda:1 ...
+    model_cache_size: int = 2  # loaded models kept per worker process
+    default_model: str = ""  # what "whisper-1" (the OpenAI client's habit) maps to; empty: refused
+    hub_offline: bool = False  # accept a Hub id only if it is already in the local HF cache
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # derived ------------------------------------------------------------------------------------------
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "api_key"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker.startswith("filesystem:")
+
+    @property
+    def backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.broker.startswith(("redis://", "rediss://")):
+            return self.broker
+        return f"db+sqlite:///{self.data_dir / 'celery-results.sqlite'}"
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tarq.sqlite'}"
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or str(self.data_dir / "storage")
+
+    @property
+    def storage_options(self) -> dict:
+        if not self.storage.startswith("s3://"):
+            return {}
+        options: dict = {}
+        if self.s3_access_key_id:
+            options["key"] = self.s3_access_key_id
+            options["secret"] = self.s3_secret_access_key
+        client: dict = {}
+        if self.s3_endpoint_url:
+            client["endpoint_url"] = self.s3_endpoint_url
+        if self.s3_region:
+            client["region_name"] = self.s3_region
+        if client:
+            options["client_kwargs"] = client
+        return options
+
+    @property
+    def roots(self) -> list[Path]:
+        return [Path(p.strip()).expanduser().resolve() for p in self.model_roots.split(",") if p.strip()]
+
+    def key_hashes(self) -> frozenset[str]:
+        """sha256 of every accepted key: TARQ_API_KEYS if set, else the key `tarq serve` generated."""
+        entries = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if not entries and self.api_key_file.is_file():
+            entries = [self.api_key_file.read_text().strip()]
+        return frozenset(e[7:].lower() if e.startswith("sha256:") else hash_key(e) for e in entries if e)
+
+    def celery_config(self) -> dict:
+        """The Celery settings the API (sender) and the worker (consumer) must agree on."""
+        config: dict = {
+            "broker_url": self.broker,
+            "result_backend": self.backend,
+            "task_serializer": "json",
+            "result_serializer": "json",
+            "accept_content": ["json"],
+            "task_default_queue": "quantize",
+            "task_routes": {"tarq.quantize": {"queue": "quantize"}, "tarq.transcribe": {"queue": "transcribe"}},
+            "task_acks_late": True,
+            "task_reject_on_worker_lost": True,
+            "task_track_started": True,
+            "worker_prefetch_multiplier": 1,
+            "result_expires": 3600,
+            "broker_connection_retry_on_startup": True,
+        }
+        if self.embedded_broker:
+            folder = self.data_dir / "broker"
+            config["broker_transport_options"] = {
+                # one folder both ways: the API writes where the worker reads
+                "data_folder_in": str(folder / "queue"),
+                "data_folder_out": str(folder / "queue"),
+                "control_folder": str(folder / "control"),
+                "processed_folder": str(folder / "processed"),
+                "store_processed": False,
+            }
+            config["database_engine_options"] = {"connect_args": {"timeout": 30}}
+        elif self.broker.startswith(("redis://", "rediss://")):
+            # A quantization can run for hours: the message must not be redelivered to a second worker
+            # while the first still works on it (the job's heartbeat catches real loss sooner).
+            config["broker_transport_options"] = {"visibility_timeout": self.quantize_time_limit + 600,
+                                                  "socket_connect_timeout": 5}
+            # a Redis outage must answer the client in seconds, not after minutes of reconnecting
+            config["result_backend_transport_options"] = {"retry_policy": {"timeout": 5.0}}
+            config["redis_socket_connect_timeout"] = 5
+        return config
+
+    def ensure_dirs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.embedded_broker:
+            for name in ("queue", "control", "processed"):
+                (self.data_dir / "broker" / name).mkdir(parents=True, exist_ok=True)
+        if not self.storage.startswith("s3://") and "://" not in self.storage:
+            Path(self.storage).mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

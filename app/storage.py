@@ -1,0 +1,106 @@
+"""Uploads and artifacts over fsspec: a local folder by default, s3:// when configured, so that the API
+and workers on different hosts see the same files.
+
+Keys are relative posix paths: `uploads/<job id>/calibration/<clip>`, `uploads/<job id>/eval/<clip>`,
+`artifacts/<model id>/...`, `tmp/<request id>/<clip>`. Ids are random, so a key is never guessable,
+and nothing here is served without going through an authenticated route.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import fsspec
+
+
+class Storage:
+    def __init__(self, url: str, options: dict | None = None, cache_dir: Path | None = None):
+        self.url = url.rstrip("/")
+        self.protocol, root = fsspec.core.split_protocol(self.url)
+        self.protocol = self.protocol or "file"
+        self.fs = fsspec.filesystem(self.protocol, **(options or {}))
+        self.root = root if self.protocol != "file" else str(Path(root).expanduser().resolve())
+        self.local = self.protocol in ("file", "local")
+        self.cache_dir = cache_dir  # where remote folders are copied for a worker to load
+
+    def path(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"unsafe storage key {key!r}")
+        return f"{self.root}/{key}"
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+    def put_file(self, local: Path, key: str) -> None:
+        path = self.path(key)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shutil.copyfile(local, path)
+        else:
+            self.fs.put_file(str(local), path)
+
+    def put_dir(self, local: Path, key: str) -> None:
+        for file in sorted(Path(local).rglob("*")):
+            if file.is_file():
+                self.put_file(file, f"{key}/{file.relative_to(local).as_posix()}")
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self.path(key))
+
+    def get_dir(self, key: str, local: Path) -> Path:
+        """Copy a stored folder to a local one (the worker's scratch space)."""
+        local = Path(local)
+        local.mkdir(parents=True, exist_ok=True)
+        prefix = self.path(key)
+        for path in self.fs.find(prefix):
+            rel = path[len(prefix.rstrip("/")) + 1:] if not self.local else os.path.relpath(path, prefix)
+            target = local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(path, str(target))
+        return local
+
+    def local_dir(self, key: str) -> Path:
+        """A local folder with the content of `key`: the folder itself when storage is local, else a
+        copy in cache_dir (made once; an artifact never changes after it is written)."""
+        if self.local:
+            return Path(self.path(key))
+        if self.cache_dir is None:
+            raise RuntimeError("remote storage needs a cache_dir to load artifacts from")
+        target = self.cache_dir / key
+        if not (target / ".complete").exists():
+            partial = target.with_name(target.name + f".partial-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
+            self.get_dir(key, partial)
+            (partial / ".complete").touch()
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        return target
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
+
+    def size(self, key: str) -> int:
+        path = self.path(key)
+        return int(self.fs.du(path)) if self.fs.exists(path) else 0
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        if self.cache_dir is not None:
+            shutil.rmtree(self.cache_dir / key, ignore_errors=True)
+
+    def check(self) -> None:
+        """Raise if the store cannot be written and read back (readiness)."""
+        key = "tmp/.readyz"
+        self.put_bytes(key, b"ok")
+        if self.get_bytes(key) != b"ok":
+            raise OSError(f"storage {self.url} did not return what was written")
+
+
+def storage_from_settings(settings) -> Storage:
+    return Storage(settings.storage, settings.storage_options, cache_dir=settings.data_dir / "cache")

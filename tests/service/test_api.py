@@ -1,0 +1,393 @@
+"""The HTTP API against real SQLite and real PostgreSQL (no worker: jobs stay queued here)."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from tests.service.conftest import make_zip, upload
+
+NON_HEALTH_ROUTES = [
+    ("POST", "/v1/quantizations"),
+    ("GET", "/v1/quantizations"),
+    ("GET", "/v1/quantizations/abc"),
+    ("DELETE", "/v1/quantizations/abc"),
+    ("GET", "/v1/quantizations/abc/events"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/abc"),
+    ("DELETE", "/v1/models/abc"),
+    ("POST", "/v1/audio/transcriptions"),
+    ("GET", "/metrics"),
+]
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type"} <= set(body["error"]), body
+    return body["error"]
+
+
+def submit(client, clips, **form):
+    data = {"model": "tiny-whisper", "method": "rtn", **form}
+    return client.post("/v1/quantizations", data=data, files=upload(clips))
+
+
+# health and auth -----------------------------------------------------------------------------------------
+def test_health_routes_are_open(make_client, settings):
+    client = make_client(settings, key=None)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    assert client.get("/openapi.json").status_code == 200
+
+
+@pytest.mark.parametrize("method,path", NON_HEALTH_ROUTES)
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_every_other_route_needs_a_valid_key(make_client, settings, method, path, key):
+    client = make_client(settings, key=key)
+    err = error_of(client.request(method, path), 401)
+    assert ("missing API key" if key is None else "invalid API key") in err["message"]
+
+
+def test_a_server_without_keys_refuses_everything(make_client, make_settings, tmp_path):
+    client = make_client(make_settings(api_keys="", database_url=f"sqlite:///{tmp_path}/x.sqlite"))
+    err = error_of(client.get("/v1/models"), 401)
+    assert "TARQ_API_KEYS" in err["message"]
+
+
+def test_hashed_keys_and_generated_key_file(make_client, make_settings, tmp_path):
+    from app.auth import ensure_api_key
+    from app.settings import hash_key
+
+    hashed = make_settings(api_keys=f"sha256:{hash_key('s3cret')}", database_url=f"sqlite:///{tmp_path}/a.sqlite")
+    assert make_client(hashed, key="s3cret").get("/v1/models").status_code == 200
+    assert make_client(hashed, key="sha256:" + hash_key("s3cret")).get("/v1/models").status_code == 401
+
+    fresh = make_settings(api_keys="", data_dir=tmp_path / "fresh", database_url=f"sqlite:///{tmp_path}/b.sqlite")
+    path = ensure_api_key(fresh)
+    assert path == fresh.api_key_file and (path.stat().st_mode & 0o777) == 0o600
+    key = path.read_text().strip()
+    assert ensure_api_key(fresh) == path and path.read_text().strip() == key  # stable across restarts
+    assert make_client(fresh, key=key).get("/v1/models").status_code == 200
+
+
+def test_metrics(client):
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert "tarq_jobs" in response.text and "tarq_http_requests_total" in response.text
+
+
+# submitting and reading jobs -----------------------------------------------------------------------------
+def test_submit_read_list_cancel(client, clips, clip_transcripts, settings):
+    response = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn", "bits": "4"},
+                           files=upload(clips) + [("transcripts", ("t.tsv", clip_transcripts, "text/plain"))])
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["model"] is None and job["error"] is None
+    assert job["progress"] == {"stage": None, "layer": None, "layers_total": None, "fraction": 0.0, "loss": None}
+    assert job["config"]["method"] == "rtn" and job["config"]["group_size"] == 128
+    assert job["files"]["calibration"]["clips"] == sorted(c.name for c in clips)
+    assert job["files"]["calibration"]["transcripts"] is True
+    assert len(job["id"]) == 32
+    assert job["source_model"].endswith("tiny-whisper")
+    stored = settings.data_dir / "storage" / "uploads" / job["id"] / "calibration"
+    assert sorted(p.name for p in stored.iterdir()) == sorted([c.name for c in clips] + ["transcripts.tsv"])
+
+    assert client.get(f"/v1/quantizations/{job['id']}").json()["id"] == job["id"]
+    listed = client.get("/v1/quantizations").json()
+    assert listed["object"] == "list" and [j["id"] for j in listed["data"]] == [job["id"]]
+
+    cancelled = client.delete(f"/v1/quantizations/{job['id']}")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    assert not stored.exists()  # uploads of a finished job are removed
+    err = error_of(client.delete(f"/v1/quantizations/{job['id']}"), 409)
+    assert "cancelled" in err["message"]
+
+
+def test_pagination(client, clips):
+    ids = [submit(client, clips[:1]).json()["id"] for _ in range(3)]
+    page1 = client.get("/v1/quantizations", params={"limit": 2}).json()
+    assert page1["has_more"] is True and [j["id"] for j in page1["data"]] == ids[::-1][:2]
+    page2 = client.get("/v1/quantizations", params={"limit": 2, "after": page1["last_id"]}).json()
+    assert page2["has_more"] is False and [j["id"] for j in page2["data"]] == [ids[0]]
+    queued = client.get("/v1/quantizations", params={"status": "queued"}).json()
+    assert len(queued["data"]) == 3
+    error_of(client.get("/v1/quantizations", params={"status": "bogus"}), 422)
+
+
+def test_idempotency_key_returns_the_same_job(client, clips):
+    first = client.post(
+        "/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"}, files=upload(clips[:1]),
+        headers={"Idempotency-Key": "abc-1"})
+    assert first.status_code == 202
+    again = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                        files=upload(clips[:1]), headers={"Idempotency-Key": "abc-1"})
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    other = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                        files=upload(clips[:1]), headers={"Idempotency-Key": "abc-2"})
+    assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+    assert len(client.get("/v1/quantizations").json()["data"]) == 2
+
+
+def test_cancel_running_job_sets_the_flag(client, clips, engine):
+    from app import jobs
+
+    job_id = submit(client, clips[:1]).json()["id"]
+    assert jobs.claim(engine, job_id, "w1", stale_after=60)["status"] == "running"
+    response = client.delete(f"/v1/quantizations/{job_id}")
+    assert response.status_code == 202
+    assert response.json()["status"] == "running" and response.json()["cancel_requested"] is True
+    assert jobs.heartbeat(engine, job_id, "w1") is True  # the worker sees the request
+    jobs.transition(engine, job_id, jobs.CANCELLED, error="cancelled by request")
+    error_of(client.delete(f"/v1/quantizations/{job_id}"), 409)
+
+
+def test_events_stream_ends_with_the_final_state(client, clips):
+    job_id = submit(client, clips[:1]).json()["id"]
+    client.delete(f"/v1/quantizations/{job_id}")
+    with client.stream("GET", f"/v1/quantizations/{job_id}/events") as response:
+        assert response.status_code == 200
+        text = "".join(response.iter_text())
+    assert "event: end" in text
+    data = [ln[len("data: "):] for ln in text.splitlines() if ln.startswith("data: ")]
+    assert json.loads(data[-1])["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v1/quantizations/{}"), ("DELETE", "/v1/quantizations/{}"), ("GET", "/v1/quantizations/{}/events"),
+    ("GET", "/v1/models/{}"), ("DELETE", "/v1/models/{}"),
+])
+def test_unknown_ids_are_404(client, method, path):
+    err = error_of(client.request(method, path.format("0123456789abcdef")), 404)
+    assert "0123456789abcdef" in err["message"]
+
+
+# bad input -----------------------------------------------------------------------------------------------
+def test_empty_file(client):
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=[("files", ("empty.wav", b"", "audio/wav"))]), 422)
+    assert "'empty.wav' is empty" in err["message"]
+
+
+def test_random_bytes_named_wav(client):
+    import numpy as np
+
+    noise = np.random.default_rng(0).bytes(4096)
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=[("files", ("noise.wav", noise, "audio/wav"))]), 422)
+    assert "noise.wav" in err["message"] and "not decodable audio" in err["message"]
+
+
+def test_text_file_is_not_audio(client):
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=[("files", ("notes.txt", b"hello world\n" * 50, "text/plain"))]), 415)
+    assert "notes.txt" in err["message"] and "not audio" in err["message"]
+
+
+def test_truncated_flac(client, clips):
+    data = clips[0].read_bytes()
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=[("files", ("cut.flac", data[: len(data) // 3], "audio/flac"))]), 422)
+    assert "cut.flac" in err["message"]
+
+
+@pytest.mark.parametrize("name", ["../evil.flac", "/etc/evil.flac", "a/../../evil.flac"])
+def test_archive_with_unsafe_paths(client, clips, name):
+    archive = make_zip({"ok.flac": clips[0].read_bytes(), name: clips[1].read_bytes()})
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=[("archive", ("calib.zip", archive, "application/zip"))]), 422)
+    assert "unsafe path" in err["message"] and name in err["message"]
+
+
+def test_tar_with_traversal_and_links(client, clips):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo("link.flac")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=[("archive", ("calib.tar.gz", buf.getvalue(), "application/gzip"))]), 422)
+    assert "link" in err["message"]
+
+
+def test_zip_bomb_is_refused(client):
+    bomb = make_zip({"bomb.wav": b"\0" * (64 << 20)})  # 64 MiB of zeros deflate to ~64 KiB
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=[("archive", ("bomb.zip", bomb, "application/zip"))]), 413)
+    assert "bomb.wav" in err["message"]
+
+
+def test_good_tar_gz_archive(client, clips, clip_transcripts):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for clip in clips:
+            tf.add(clip, arcname=f"calib/{clip.name}")
+        info = tarfile.TarInfo("calib/transcripts.tsv")
+        info.size = len(clip_transcripts)
+        tf.addfile(info, io.BytesIO(clip_transcripts))
+        info = tarfile.TarInfo("calib/README.txt")
+        info.size = 5
+        tf.addfile(info, io.BytesIO(b"hello"))
+    response = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "tarq"},
+                           files=[("archive", ("calib.tar.gz", buf.getvalue(), "application/gzip"))])
+    assert response.status_code == 202, response.text
+    assert response.json()["files"]["calibration"]["clips"] == sorted(c.name for c in clips)
+    assert response.json()["files"]["calibration"]["transcripts"] is True
+
+
+def test_oversize_file_is_413(make_client, make_settings, database_url, clips):
+    client = make_client(make_settings(database_url=database_url, max_file_bytes=10_000))
+    err = error_of(submit(client, clips[:1]), 413)
+    assert clips[0].name in err["message"] and "TARQ_MAX_FILE_BYTES" in err["message"]
+
+
+def test_oversize_body_is_413_before_reading(make_client, make_settings, database_url):
+    client = make_client(make_settings(database_url=database_url, max_total_bytes=1000, max_file_bytes=1000))
+    blob = b"\0" * (3 << 20)
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper"},
+                               files=[("files", ("big.wav", blob, "audio/wav"))]), 413)
+    assert "over the limit" in err["message"]
+
+
+def test_oversize_total_is_413(make_client, make_settings, database_url, clips):
+    sizes = [c.stat().st_size for c in clips[:2]]
+    client = make_client(make_settings(database_url=database_url, max_total_bytes=sum(sizes) - 1))
+    err = error_of(submit(client, clips[:2]), 413)
+    assert "TARQ_MAX_TOTAL_BYTES" in err["message"] and clips[1].name in err["message"]
+
+
+def test_too_many_files_is_413(make_client, make_settings, database_url, clips):
+    client = make_client(make_settings(database_url=database_url, max_files=2))
+    err = error_of(submit(client, clips[:3]), 413)
+    assert "too many files" in err["message"]
+
+
+def test_too_long_audio_is_413(make_client, make_settings, database_url, clips):
+    client = make_client(make_settings(database_url=database_url, max_audio_seconds=1.0))
+    err = error_of(submit(client, clips[:1]), 413)
+    assert "TARQ_MAX_AUDIO_SECONDS" in err["message"] and clips[0].name in err["message"]
+
+
+def test_model_outside_roots(client, clips, tmp_path):
+    for model in ("../../etc", "/etc", str(tmp_path)):
+        err = error_of(submit(client, clips[:1], model=model), 422)
+        assert "outside the allowed model roots" in err["message"], model
+
+
+def test_folder_that_is_not_a_model(client, clips, model_root, tmp_path):
+    name = f"not-a-model-{tmp_path.name}"
+    folder = model_root / name
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hi")
+    err = error_of(submit(client, clips[:1], model=str(folder)), 422)
+    assert "no config.json" in err["message"]
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert "not a Whisper model" in error_of(submit(client, clips[:1], model=name), 422)["message"]
+    (folder / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    assert "pickle" in error_of(submit(client, clips[:1], model=name), 422)["message"]
+    (folder / "config.json").write_text(json.dumps({"model_type": "whisper", "auto_map": {"AutoModel": "x.Y"}}))
+    assert "remote code" in error_of(submit(client, clips[:1], model=name), 422)["message"]
+
+
+def test_hub_id_not_cached_while_offline(client, clips):
+    err = error_of(submit(client, clips[:1], model="nobody/no-such-whisper"), 422)
+    assert "nobody/no-such-whisper" in err["message"] and "offline" in err["message"]
+
+
+def test_bad_settings_and_missing_fields(client, clips):
+    assert "method" in error_of(submit(client, clips[:1], method="awq"), 422)["message"]
+    assert "bits" in error_of(submit(client, clips[:1], bits="5"), 422)["message"]
+    err = error_of(client.post("/v1/quantizations", data={"method": "rtn"}, files=upload(clips[:1])), 422)
+    assert err["param"] == "model" and "required" in err["message"].lower()
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "gptq"}), 422)
+    assert "calibration audio" in err["message"]
+
+
+def test_transcripts_naming_missing_clips(client, clips, clip_transcripts):
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=upload(clips[:1]) + [("transcripts", ("t.tsv", clip_transcripts, "text/plain"))]),
+                   422)
+    assert clips[1].name in err["message"] and "not among the uploaded clips" in err["message"]
+
+
+def test_bad_transcripts(client, clips):
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                               files=upload(clips[:1]) + [("transcripts", ("t.tsv", b"no tab here\n", "text/plain"))]),
+                   422)
+    assert "transcripts" in err["message"]
+
+
+def test_nothing_is_stored_after_a_refusal(client, clips, settings):
+    assert submit(client, clips[:1], model="/etc").status_code == 422
+    noise = [("files", ("noise.wav", b"RIFF" + b"\x01" * 5000, "audio/wav"))]
+    assert client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"},
+                       files=upload(clips[:1]) + noise).status_code == 422
+    uploads = settings.data_dir / "storage" / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir())
+    staging = settings.data_dir / "staging"
+    assert not staging.exists() or not any(staging.iterdir())
+
+
+# models and transcription (no worker needed for these refusals) -------------------------------------------
+def test_models_list_get_delete(client, engine, settings):
+    from app import jobs
+
+    assert client.get("/v1/models").json() == {"object": "list", "data": []}
+    jobs.add_model(engine, id="m-1", job_id=None, owner="x", base_model="openai/whisper-tiny", method="rtn", bits=4,
+                   group_size=128, size_bytes=10, info={"metrics": {"wer": 1.0}})
+    folder = settings.data_dir / "storage" / "artifacts" / "m-1"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    listed = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["m-1"] and listed[0]["object"] == "model"
+    one = client.get("/v1/models/m-1").json()
+    assert one["base_model"] == "openai/whisper-tiny" and one["metrics"] == {"wer": 1.0}
+    assert client.delete("/v1/models/m-1").json() == {"id": "m-1", "object": "model", "deleted": True}
+    assert not folder.exists()
+    error_of(client.get("/v1/models/m-1"), 404)
+
+
+def test_transcription_refusals(client, clips):
+    def post(name="a.flac", data=None, **form):
+        data = clips[0].read_bytes() if data is None else data
+        return client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper", **form},
+                           files={"file": (name, data, "audio/flac")})
+
+    assert "no-such-model" in error_of(post(model="no-such-model"), 404)["message"]
+    assert "response format" in error_of(post(response_format="xml"), 422)["message"]
+    assert "language" in error_of(post(language="xx"), 422)["message"]
+    assert "not audio" in error_of(post(name="a.txt", data=b"text " * 100), 415)["message"]
+    assert "is empty" in error_of(post(data=b""), 422)["message"]
+    assert error_of(client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper"}), 422)["param"] == "file"
+
+
+# dependencies down ---------------------------------------------------------------------------------------
+def test_database_down_gives_503_and_stores_nothing(make_client, make_settings, clips):
+    settings = make_settings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    client = make_client(settings)
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error")
+    assert ready.json()["checks"]["storage"] == "ok"
+    err = error_of(submit(client, clips[:1]), 503)
+    assert "database" in err["message"]
+    uploads = settings.data_dir / "storage" / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir())
+
+
+def test_broker_down_gives_503_and_a_failed_job(make_client, make_settings, clips, tmp_path):
+    from app import jobs
+    from app.db import get_engine
+
+    settings = make_settings(database_url=f"sqlite:///{tmp_path / 'b.sqlite'}", broker_url="redis://127.0.0.1:1/0")
+    client = make_client(settings)
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("error")
+    err = error_of(submit(client, clips[:1]), 503)
+    assert "broker" in err["message"]
+    [job] = jobs.list_jobs(get_engine(settings.database))
+    assert job["status"] == "failed" and "could not queue" in job["error"]

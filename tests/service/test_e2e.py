@@ -1,0 +1,223 @@
+"""End to end over real HTTP: `tarq serve` (embedded: filesystem broker, SQLite, local folder) and
+`tarq serve --no-worker` + `tarq worker` on Redis + PostgreSQL + S3 (moto). Real processes, real
+clips, the tiny random Whisper; the transcription goes through the official openai client."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.service.conftest import REDIS_URL, free_port, stop, tarq_command, wait_http
+
+pytestmark = pytest.mark.slow
+
+
+def follow(client: httpx.Client, job_id: str, timeout: float = 600) -> tuple[dict, list[dict]]:
+    """Read the job's SSE stream to its `end` event; returns (final job, progress events)."""
+    events, final = [], None
+    with client.stream("GET", f"/v1/quantizations/{job_id}/events", timeout=timeout) as response:
+        assert response.status_code == 200
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: "):
+                data = json.loads(line[len("data: "):])
+                if kind == "end":
+                    final = data
+                    break
+                events.append(data)
+    assert final is not None
+    return final, events
+
+
+def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[str, ...],
+                 evaluate: bool = False) -> None:
+    import openai
+
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    made = []
+    for method in methods:
+        files = [("files", (c.name, c.read_bytes(), "audio/flac")) for c in clips]
+        files.append(("transcripts", ("transcripts.tsv", transcripts, "text/tab-separated-values")))
+        if evaluate and method == methods[0]:  # WER of FP and quantized recorded in the model card
+            files.append(("eval_files", (clips[-1].name, clips[-1].read_bytes(), "audio/flac")))
+            line = [ln for ln in transcripts.decode().splitlines() if ln.startswith(clips[-1].name)]
+            files.append(("eval_transcripts", ("eval.tsv", line[0].encode() + b"\n", "text/tab-separated-values")))
+        response = client.post("/v1/quantizations", files=files,
+                               data={"model": "tiny-whisper", "method": method, "num_samples": "3"})
+        assert response.status_code == 202, response.text
+        job, events = follow(client, response.json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        assert job["model"] and job["progress"]["fraction"] == 1.0 and job["attempts"] == 1
+        fractions = [e["progress"]["fraction"] for e in events]
+        assert fractions == sorted(fractions)
+        assert {e["status"] for e in events} <= {"queued", "running"}
+        made.append((method, job["model"]))
+
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    for method, model_id in made:
+        assert listed[model_id]["method"] == method and listed[model_id]["bits"] == 4
+        assert listed[model_id]["size_bytes"] > 0
+    if evaluate:
+        metrics = listed[made[0][1]]["metrics"]
+        assert set(metrics) == {"fp", "quantized"} and metrics["quantized"]["utterances"] == 1, metrics
+
+    oai = openai.OpenAI(base_url=f"{base}/v1", api_key=key, timeout=900, max_retries=0)
+    assert made[0][1] in [m.id for m in oai.models.list().data]
+    with open(clips[0], "rb") as f:
+        result = oai.audio.transcriptions.create(model=made[0][1], file=f, response_format="verbose_json",
+                                                 timestamp_granularities=["segment"])
+    assert isinstance(result.text, str) and result.duration == pytest.approx(9.655, abs=0.1)
+    assert result.segments and result.language == "english"
+    with open(clips[1], "rb") as f:  # a base model folder under TARQ_MODEL_ROOTS works too
+        text = oai.audio.transcriptions.create(model="tiny-whisper", file=f, response_format="text")
+    assert isinstance(text, str)
+    with pytest.raises(openai.NotFoundError):
+        with open(clips[1], "rb") as f:
+            oai.audio.transcriptions.create(model="no-such-model", file=f)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+
+    for _, model_id in made:
+        assert oai.models.delete(model_id).deleted is True
+        assert client.get(f"/v1/models/{model_id}").status_code == 404
+    assert client.get("/v1/models").json()["data"] == []
+
+
+def cancel_running(base: str, key: str, clips, transcripts: bytes) -> None:
+    """A running job stops soon after DELETE and ends cancelled; a second DELETE is 409."""
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    files = [("files", (c.name, c.read_bytes(), "audio/flac")) for c in clips]
+    files.append(("transcripts", ("transcripts.tsv", transcripts, "text/tab-separated-values")))
+    job_id = client.post("/v1/quantizations", files=files, data={"model": "tiny-whisper", "method": "tarq"}).json()["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/quantizations/{job_id}").json()["status"] == "queued":
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)
+    response = client.delete(f"/v1/quantizations/{job_id}")
+    assert response.status_code == 202, response.text
+    assert response.json()["cancel_requested"] is True
+    asked = time.monotonic()
+    job, _ = follow(client, job_id)
+    assert job["status"] == "cancelled" and job["model"] is None, job
+    assert time.monotonic() - asked < 60
+    assert client.delete(f"/v1/quantizations/{job_id}").status_code == 409
+
+
+def run_logged(argv, env, log_path, new_session: bool = False):
+    log = open(log_path, "wb")
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session), log
+
+
+def tail(path, n=60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def test_embedded_serve_end_to_end(tmp_path, subprocess_env, clips, clip_transcripts):
+    port = free_port()
+    proc, log = run_logged(tarq_command("serve", "--port", str(port)), subprocess_env, tmp_path / "serve.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        key_file = tmp_path / "data" / "api_key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        service_flow(f"http://127.0.0.1:{port}", key_file.read_text().strip(), clips, clip_transcripts,
+                     methods=("rtn", "tarq"), evaluate=True)
+    except BaseException:
+        print(tail(tmp_path / "serve.log"))
+        raise
+    finally:
+        stop(proc)
+        log.close()
+    assert "API key: in" in (tmp_path / "serve.log").read_text()
+
+
+def test_redis_postgres_s3_with_separate_worker(tmp_path, subprocess_env, clips, clip_transcripts, pg_schema_url,
+                                                 s3_server):
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.RedisError:
+        pytest.skip(f"Redis at {REDIS_URL} is not reachable")
+    endpoint, bucket = s3_server
+    key = "e2e-key"
+    env = dict(subprocess_env, TARQ_BROKER_URL=REDIS_URL, TARQ_DATABASE_URL=pg_schema_url, TARQ_API_KEYS=key,
+               TARQ_STORAGE_URL=f"s3://{bucket}/tarq", TARQ_S3_ENDPOINT_URL=endpoint,
+               TARQ_S3_ACCESS_KEY_ID="testing", TARQ_S3_SECRET_ACCESS_KEY="testing", TARQ_S3_REGION="us-east-1")
+    port = free_port()
+    api, api_log = run_logged(tarq_command("serve", "--no-worker", "--port", str(port)), env, tmp_path / "api.log")
+    worker, worker_log = run_logged(tarq_command("worker", "-Q", "quantize,transcribe", "-c", "2"), env,
+                                    tmp_path / "worker.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", api)
+        # the worker is cold: importing torch after the job is claimed leaves seconds to cancel it running
+        cancel_running(f"http://127.0.0.1:{port}", key, clips, clip_transcripts)
+        service_flow(f"http://127.0.0.1:{port}", key, clips, clip_transcripts, methods=("rtn",))
+        assert not (tmp_path / "data" / "storage").exists()  # everything went to S3
+    except BaseException:
+        print(tail(tmp_path / "api.log"))
+        print(tail(tmp_path / "worker.log"))
+        raise
+    finally:
+        stop(worker)
+        stop(api)
+        api_log.close()
+        worker_log.close()
+
+
+def test_killed_worker_job_is_requeued_and_finishes(tmp_path, subprocess_env, clips, clip_transcripts):
+    """SIGKILL the worker while it runs a job: the API's reaper sees the heartbeat stop, puts the job
+    back in the queue, and a new worker finishes it (never stuck `running`)."""
+    import os
+    import signal
+
+    env = dict(subprocess_env, TARQ_API_KEYS="fault-key", TARQ_STALE_AFTER_SECONDS="6", TARQ_HEARTBEAT_SECONDS="1")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api, api_log = run_logged(tarq_command("serve", "--no-worker", "--port", str(port)), env, tmp_path / "api.log")
+    worker = worker_log = None
+    try:
+        wait_http(f"{base}/healthz", api)
+        worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker1.log",
+                                        new_session=True)
+        client = httpx.Client(base_url=base, headers={"Authorization": "Bearer fault-key"}, timeout=60)
+        files = [("files", (c.name, c.read_bytes(), "audio/flac")) for c in clips]
+        files.append(("transcripts", ("transcripts.tsv", clip_transcripts, "text/tab-separated-values")))
+        job_id = client.post("/v1/quantizations", files=files, data={"model": "tiny-whisper", "method": "tarq"}
+                             ).json()["id"]
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/quantizations/{job_id}").json()["status"] != "running":
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.2)
+        os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool child, no chance to clean up
+        worker.wait()
+        worker_log.close()
+        deadline = time.monotonic() + 60
+        while (job := client.get(f"/v1/quantizations/{job_id}").json())["status"] == "running":
+            assert time.monotonic() < deadline, "the lost job stayed running"
+            time.sleep(0.5)
+        assert job["status"] == "queued" and job["attempts"] == 1, job
+        worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker2.log",
+                                        new_session=True)
+        job, _ = follow(client, job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    except BaseException:
+        print(tail(tmp_path / "api.log"))
+        raise
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        stop(api)
+        api_log.close()
+        if worker_log is not None:
+            worker_log.close()

@@ -1,0 +1,209 @@
+"""Celery tasks, thin: load inputs -> call tarq -> store the result -> record it in SQL.
+
+tarq.quantize(job_id): the job record is the source of truth. The task claims it (queued -> running,
+or a running job whose heartbeat went stale), heartbeats from a side thread that also notices a
+cancel request, runs tarq.pipeline.quantize_model with progress written to SQL, stores the artifact
+and ends the job succeeded | failed | cancelled. A redelivered or duplicate message finds nothing to
+claim and returns.
+
+tarq.transcribe(payload): a model cache per process; returns {"transcript": Transcript.to_dict()} or
+{"error": {"type", "message"}} for a user error, so the API can answer 422 with the message.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app import jobs
+from app.db import get_engine
+from app.settings import get_settings
+from app.storage import storage_from_settings
+from worker.celery_app import app
+
+log = logging.getLogger("tarq.worker")
+_settings = get_settings()
+_cache = None
+_storage = None
+
+
+def storage():
+    global _storage
+    if _storage is None:
+        _storage = storage_from_settings(get_settings())
+    return _storage
+
+
+def device() -> str:
+    wanted = get_settings().device
+    if wanted != "auto":
+        return wanted
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes the job's heartbeat every few seconds and turns a cancel request into a flag the
+    pipeline's should_stop reads without touching the database."""
+
+    def __init__(self, engine, job_id: str, worker: str, every: float):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.engine, self.job_id, self.worker, self.every = engine, job_id, worker, every
+        self.stop_requested = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            try:
+                if jobs.heartbeat(self.engine, self.job_id, self.worker):
+                    self.stop_requested.set()
+            except Exception as err:  # a database blip must not kill the run; the next beat retries
+                log.warning("heartbeat for %s failed: %s", self.job_id, err)
+
+
+@app.task(name="tarq.quantize", bind=True, acks_late=True, reject_on_worker_lost=True,
+          soft_time_limit=_settings.quantize_time_limit, time_limit=_settings.quantize_time_limit + 120)
+def quantize(self, job_id: str) -> dict:
+    from tarq.config import QuantConfig
+    from tarq.errors import Cancelled, TarqError
+
+    settings = get_settings()
+    engine = get_engine(settings.database)
+    worker = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+    job = jobs.claim(engine, job_id, worker, settings.stale_after_seconds)
+    if job is None:
+        log.info("job %s: nothing to do (finished, cancelled or running elsewhere)", job_id)
+        return {"job": job_id, "skipped": True}
+
+    beat = Heartbeat(engine, job_id, worker, settings.heartbeat_seconds)
+    beat.start()
+    scratch = settings.data_dir / "work" / f"{job_id}-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    last = {"key": None, "at": 0.0}
+
+    def on_progress(progress) -> None:
+        data = progress.to_dict()
+        key = (data.get("stage"), data.get("layer"))
+        now = time.monotonic()
+        # every new stage or layer is written; repeats of the same one at most once a second
+        if key != last["key"] or now - last["at"] >= 1.0:
+            jobs.set_progress(engine, job_id, data)
+            last.update(key=key, at=now)
+
+    def should_stop() -> bool:
+        return beat.stop_requested.is_set()
+
+    status, fields = jobs.FAILED, {}
+    try:
+        config = QuantConfig.from_dict(job["config"])
+        files = job["files"] or {}
+        calib = storage().get_dir(f"uploads/{job_id}/calibration", scratch / "calibration") \
+            if "calibration" in files else None
+        eval_dir = storage().get_dir(f"uploads/{job_id}/eval", scratch / "eval") if "eval" in files else None
+        from tarq.pipeline import quantize_model
+
+        model_id = jobs.new_model_id(job["source_model"], config.method, config.bits, config.group_size)
+        out = quantize_model(job["source_model"], calib, scratch / "artifact", config, device=device(),
+                             progress=on_progress, should_stop=should_stop, eval_dir=eval_dir)
+        if should_stop():
+            raise Cancelled("cancelled by request")
+        storage().put_dir(Path(out), f"artifacts/{model_id}")
+        info = _artifact_info(Path(out))
+        info.pop("path", None)  # the scratch folder, gone after this task
+        jobs.add_model(engine, id=model_id, job_id=job_id, owner=job["owner"], base_model=job["source_model"],
+                       method=config.method, bits=config.bits, group_size=config.group_size,
+                       size_bytes=storage().size(f"artifacts/{model_id}"), info=_jsonable(info))
+        status, fields = jobs.SUCCEEDED, {"model_id": model_id, "fraction": 1.0, "stage": "done"}
+    except Cancelled as err:
+        status, fields = jobs.CANCELLED, {"error": str(err) or "cancelled by request"}
+    except TarqError as err:
+        status, fields = jobs.FAILED, {"error": str(err)}
+    except SoftTimeLimitExceeded:
+        status, fields = jobs.FAILED, {"error": f"time limit of {settings.quantize_time_limit} s exceeded "
+                                                "(TARQ_QUANTIZE_TIME_LIMIT)"}
+    except MemoryError:
+        status, fields = jobs.FAILED, {"error": "out of memory (host RAM) while quantizing"}
+    except Exception as err:
+        if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+            status, fields = jobs.FAILED, {"error": f"out of GPU memory while quantizing: {str(err).splitlines()[0]}"}
+        else:
+            log.exception("job %s failed", job_id)
+            status, fields = jobs.FAILED, {"error": f"internal error: {type(err).__name__}: {err}"}
+    finally:
+        beat.done.set()
+        beat.join(timeout=5)
+        shutil.rmtree(scratch, ignore_errors=True)
+        _free_memory()
+    try:
+        # only the worker that holds the job may end it (a stale one that lost it to another must not)
+        jobs.transition(engine, job_id, status, extra_where=jobs.jobs.c.worker == worker, **fields)
+    except jobs.IllegalTransition as err:
+        log.warning("job %s: %s", job_id, err)  # the reaper or a cancel got there first
+        return {"job": job_id, "status": jobs.get_job(engine, job_id)["status"]}
+    storage().delete(f"uploads/{job_id}")  # a finished job needs its uploads no more
+    log.info("job %s %s", job_id, status)
+    return {"job": job_id, "status": status}
+
+
+def _artifact_info(path: Path) -> dict:
+    try:
+        from tarq.artifact_info import artifact_info
+    except ImportError:  # the contract also places it in tarq.artifact
+        from tarq.artifact import artifact_info
+    return artifact_info(path)
+
+
+def _jsonable(value):
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+@app.task(name="tarq.transcribe", bind=True, acks_late=True, reject_on_worker_lost=True,
+          soft_time_limit=_settings.transcribe_time_limit, time_limit=_settings.transcribe_time_limit + 30)
+def transcribe(self, payload: dict) -> dict:
+    from tarq.audio import load_audio
+    from tarq.errors import TarqError
+    from tarq.transcribe import ModelCache
+    from tarq.transcribe import transcribe as run
+
+    global _cache
+    settings = get_settings()
+    if _cache is None:
+        _cache = ModelCache(max_models=settings.model_cache_size)
+    try:
+        model = payload["model"]
+        if "artifact" in model:
+            source = storage().local_dir(f"artifacts/{model['artifact']}")
+        else:
+            source = model["source"]
+        loaded, processor = _cache.get(str(source), device())
+        audio = load_audio(storage().get_bytes(payload["audio_key"]), name=payload.get("name"),
+                           max_seconds=settings.max_audio_seconds)
+        transcript = run(loaded, processor, audio, language=payload.get("language"), prompt=payload.get("prompt"),
+                         temperature=float(payload.get("temperature") or 0.0),
+                         word_timestamps=bool(payload.get("word_timestamps")))
+        return {"transcript": transcript.to_dict()}
+    except TarqError as err:
+        return {"error": {"type": type(err).__name__, "message": str(err)}}
+    except FileNotFoundError as err:
+        return {"error": {"type": "ModelError", "message": f"model files not found: {err}"}}
