@@ -72,6 +72,20 @@ def tiny_whisper_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def short_whisper_dir(tiny_whisper_dir, tmp_path_factory) -> Path:
+    """The tiny random Whisper stopping after 16 tokens: random weights never say <|endoftext|>, and
+    448 decoding steps per window would make transcription tests slow."""
+    import json
+
+    out = tmp_path_factory.mktemp("short") / "tiny-whisper"
+    shutil.copytree(tiny_whisper_dir, out)
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen["max_length"] = 16
+    (out / "generation_config.json").write_text(json.dumps(gen))
+    return out
+
+
+@pytest.fixture(scope="session")
 def speech_dir() -> Path:
     if not LJSPEECH.is_dir():
         pytest.skip(f"real speech not found at {LJSPEECH}")

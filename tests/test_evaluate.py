@@ -12,28 +12,6 @@ from tarq.transcribe import load
 KEYS = {"wer", "rare_wer", "common_wer", "utterances", "rare_words", "seconds", "hypotheses", "model", "data"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine, two threads fighting other jobs run ~10x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def short_whisper_dir(tiny_whisper_dir, tmp_path_factory) -> Path:
-    """The tiny random Whisper stopping after a few tokens (random weights never end on their own)."""
-    out = tmp_path_factory.mktemp("short") / "tiny-whisper"
-    shutil.copytree(tiny_whisper_dir, out)
-    gen = json.loads((out / "generation_config.json").read_text())
-    gen["max_length"] = 12
-    (out / "generation_config.json").write_text(json.dumps(gen))
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny(short_whisper_dir):
     return load(short_whisper_dir)

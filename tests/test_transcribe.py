@@ -1,5 +1,4 @@
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -13,29 +12,6 @@ from tarq.transcribe import (
 )
 
 SR = 16000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine, two threads fighting other jobs run ~10x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def short_whisper_dir(tiny_whisper_dir, tmp_path_factory) -> Path:
-    """The shared tiny random Whisper, but stopping after a few tokens: random weights never say
-    <|endoftext|>, and 448 steps per window would make these tests slow."""
-    out = tmp_path_factory.mktemp("short") / "tiny-whisper"
-    shutil.copytree(tiny_whisper_dir, out)
-    gen = json.loads((out / "generation_config.json").read_text())
-    gen["max_length"] = 16
-    (out / "generation_config.json").write_text(json.dumps(gen))
-    return out
 
 
 @pytest.fixture(scope="module")
