@@ -34,6 +34,8 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "tarq-residual-only": ("tarq", {"rarebal": False}, True),
     "tarq-frames": ("tarq", {"encoder_tagging": "frames"}, True),
     "tarq-full-residual": ("tarq", {"residual_step": "full"}, True),
+    "tarq-digits-lookup": ("tarq", {"digits_are_tail": False}, True),
+    "tarq-c2": ("tarq", {"lambda_cost": 2.0}, True),
     "gptq-sym": ("gptq", {"sym": True}, True),
     "tarq-sym": ("tarq", {"sym": True}, True),
 }
