@@ -94,6 +94,39 @@ def run_variant(model: str, model_dir: Path, variant: str, calib: Path, audio_on
     return row
 
 
+def references(data: str) -> dict[str, str]:
+    folder = SPEECH / ("ljspeech-385" if data.startswith("ljspeech") else data)
+    from tarq.audio import read_transcripts
+
+    return read_transcripts(folder / "transcripts.tsv")
+
+
+def paired_delta(a: dict, b: dict, data: str, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
+    """rare-WER(b) - rare-WER(a) in points with a 95% bootstrap interval over utterances (paired: the
+    same utterances are resampled for both), so that a gap of one or two rare words is not read as a win."""
+    import numpy as np
+
+    from tarq.metrics import score
+
+    ha, hb = a["eval"][data]["hypotheses"], b["eval"][data]["hypotheses"]
+    refs = references(data)
+    names = [n for n in ha if n in hb]
+    per = []
+    for n in names:
+        sa, sb = score([refs[n]], [ha[n]]), score([refs[n]], [hb[n]])
+        per.append((sa.rare_words, sa.rare_errors, sb.rare_errors))
+    arr = np.array(per, dtype=float)
+    if arr[:, 0].sum() == 0:
+        return None
+    point = 100 * (arr[:, 2].sum() - arr[:, 1].sum()) / arr[:, 0].sum()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(arr), size=(n_boot, len(arr)))
+    w, ea, eb = arr[idx, 0].sum(1), arr[idx, 1].sum(1), arr[idx, 2].sum(1)
+    ok = w > 0
+    deltas = 100 * (eb[ok] - ea[ok]) / w[ok]
+    return point, float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))
+
+
 def fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -116,6 +149,18 @@ def write_report(rows: list[dict], args) -> None:
         e0 = rows[0]["eval"]
         lines += ["", "Words scored: " + ", ".join(f"{s}: {e0[s]['utterances']} utterances, {e0[s]['words']} words, "
                                                    f"{e0[s]['rare_words']} rare" for s in sets if s in e0)]
+    by = {(r["model"], r["variant"]): r for r in rows}
+    pairs = [(m, a, b) for (m, b) in by for a in ("gptq", "fp") if b.startswith("tarq") and (m, a) in by]
+    if pairs:
+        lines += ["", "Paired rare-WER difference, TARQ variant minus baseline, points (95% bootstrap interval "
+                      "over utterances; an interval that holds 0 is no evidence either way):", "",
+                  "| model | variant | vs | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
+        for m, a, b in pairs:
+            cells = []
+            for s in sets:
+                d = paired_delta(by[(m, a)], by[(m, b)], s) if s in by[(m, b)]["eval"] else None
+                cells.append("-" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]")
+            lines.append(f"| {m} | {b} | {a} | " + " | ".join(cells) + " |")
     for r in rows:
         if r["variant"] == "tarq" and r.get("layers"):
             lams = [x["lambda"] for x in r["layers"] if ".decoder." in x["name"]]

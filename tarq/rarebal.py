@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gptq import GPTQResult, damped, gptq
+from .gptq import GPTQResult, damped, gptq, prepare
 from .quantizer import rtn
 
 
@@ -117,6 +117,8 @@ def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int
     H, lam = rarebal(stats, cost) if use_rarebal else (stats.H, 1.0)
     solve = dict(bits=bits, group_size=group_size, sym=sym, damp=damp, block_size=block_size,
                  act_order=act_order)
+    # pilot and final solve against the same H: factor it once
+    solve["prepared"] = prepare(H, damp, act_order)
     W = W.float()
     rtn_weight = rtn(W, bits, group_size, sym).dequantize() if with_rtn else None
     pilot = gptq(W, H, **solve)

@@ -1,0 +1,117 @@
+"""bench/speed.py's measuring functions on the tiny random Whisper: they run, and their numbers are sane.
+No timing is asserted (the benchmark reports, it never judges)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TINY_SHAPE = dict(d_model=128, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=256, decoder_ffn_dim=256, vocab_size=51864,
+                  num_mel_bins=80, max_source_positions=1500, max_target_positions=448)
+
+
+def test_meter_sees_an_allocation(speed):
+    with speed.Meter() as m:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+    assert m.seconds >= 0 and m.peak_rss >= m.rss_start + 32
+    del x
+
+
+def test_solver_job_in_its_own_process(speed):
+    """The isolated path: a child process runs the job and hands back one JSON line."""
+    res = speed.run_job("solver", isolate=True, timeout=300, reps=1, positions=512,
+                        shapes={"small [64x256]": [64, 256]})
+    assert "error" not in res, res
+    row = res["shapes"][0]
+    assert row["max_abs_diff"] < 1e-5 and row["textbook_s"] > 0 and row["tarq_s"] > 0
+    assert "GPTQ solve" in "\n".join(speed.report_solver(res))
+
+
+def test_quantize_and_transcribe_jobs(speed, tiny_whisper_dir, calib_dir, tmp_path):
+    quant = [speed.job_quantize(str(tiny_whisper_dir), method, str(calib_dir), str(tmp_path / method), calib_n=2,
+                                batch_size=2) for method in ("rtn", "gptq")]
+    for r in quant:
+        assert r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["peak_cuda_mb"] is None
+        assert {"load", "quantize", "save"} <= set(r["stages"])
+    assert quant[1]["stages"]["calibrate"] > 0 and quant[1]["calib_n"] == 2
+
+    files = speed.clips(str(calib_dir), 2)
+    fp = speed.job_transcribe(str(tiny_whisper_dir), "fp32", files, batch_sizes=(1, 2), max_new_tokens=4)
+    q = speed.job_transcribe(quant[1]["artifact"], "int4", files, batch_sizes=(1, 2), max_new_tokens=4)
+    for r in (fp, q):
+        assert set(r["runs"]) == {"1", "2"} and all(run["rtf"] > 0 for run in r["runs"].values())
+        assert len(r["texts"]) == 2
+    assert all(run["kernels"] == {} for run in fp["runs"].values())
+    # decoding rows (one token at a time) take the CPU int4 kernel, the 1500-frame encoder the dequant path
+    for run in q["runs"].values():
+        assert run["kernels"].get("int4pack-cpu", 0) > 0 and run["kernels"].get("dequant", 0) > 0
+    # W4G128 asymmetric: 4 bits + (32-bit scale + 4-bit zero) / 128 per weight, against 32 bits
+    assert 0.12 < q["int4_linear_bytes"] / q["fp_linear_bytes"] < 0.15
+    assert q["kernel_cache_bytes"] > 0 and q["model_bytes"] < fp["model_bytes"]
+
+    for r in (fp, q):
+        r["base_model"] = "tiny"
+    results = {"command": "python bench/speed.py --test", "environment": speed.environment("cpu"),
+               "quantize": quant, "transcribe": [fp, q, {"error": "boom", "source": "x", "variant": "int4-dequant"}]}
+    out = tmp_path / "speed.md"
+    speed.write_report(results, out)
+    text = out.read_text()
+    assert "| tiny | int4 | 1 |" in text and "failed: boom" in text and "vs GPTQ" in text
+    assert "texts" not in json.loads(out.with_suffix(".json").read_text())["transcribe"][0]
+
+
+def test_random_large_job_on_a_small_shape(speed):
+    r = speed.job_random_large(device="cpu", tokens=3, batch_sizes=(1, 2), reps=1, shape=TINY_SHAPE)
+    assert r["random_weights"] and r["shape"]["d_model"] == 128
+    for name in ("fp", "int4"):
+        for run in r["models"][name]["runs"].values():
+            assert run["generate_s"] > 0 and run["encoder_s"] > 0
+    assert r["models"]["int4"]["kernels"] and not r["models"]["fp"]["kernels"]
+    assert r["int4_bytes"] < r["fp_bytes"]
+    assert "RANDOM weights" in "\n".join(speed.report_large([r, {"error": "no GPU", "variant": "compiled"}]))
+
+
+def test_random_large_compiled_path_traces(speed):
+    """The static-cache + torch.compile variant on a small shape, traced by dynamo without codegen."""
+    r = speed.job_random_large(device="cpu", variant="compiled", tokens=3, batch_sizes=(1,), reps=1,
+                               shape=TINY_SHAPE, compile_backend="eager")
+    for name in ("fp", "int4"):
+        assert "error" not in r["models"][name], r["models"][name]
+        assert r["models"][name]["runs"]["1"]["sequence_length"] >= 3
+        assert r["models"][name]["compiled"]
+    assert any("(last, per layer)" in k for k in r["models"]["int4"]["kernels"])
+
+
+def test_main_writes_the_report(speed, tmp_path):
+    out = tmp_path / "speed.md"
+    speed.main(["--device", "cpu", "--parts", "large", "--no-isolate", "--tokens", "2", "--batch-sizes", "1",
+                "--large-shape", json.dumps(TINY_SHAPE), "--out", str(out)])
+    text = out.read_text()
+    assert "RANDOM weights" in text and "| eager | int4 | 1 |" in text
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert set(res["large"][0]["models"]) == {"fp", "int4"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_random_large_job_on_cuda_takes_tinygemm(speed):
+    r = speed.job_random_large(device="cuda", tokens=3, batch_sizes=(1, 2), reps=1, shape=TINY_SHAPE)
+    assert r["dtype"] == "float16"
+    assert set(r["models"]["int4"]["kernels"]) == {"tinygemm-cuda"}
+    assert all(run["peak_cuda_mb"] > 0 for run in r["models"]["fp"]["runs"].values())
+    res = speed.job_solver(device="cuda", reps=1, positions=512, shapes={"small [64x256]": [64, 256]})
+    assert res["shapes"][0]["max_abs_diff"] < 1e-5
