@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import jobs
 from app.auth import check_key
+from app.ratelimit import RateLimiter, retry_after
 from app.schemas import ApiError, error_body
 from app.settings import Settings, get_settings
 
@@ -34,6 +35,16 @@ def error_response(status: int, message: str, **kw) -> JSONResponse:
 def _settings_for(app: FastAPI) -> Settings:
     # honour a test's dependency override in the middleware and the lifespan too
     return app.dependency_overrides.get(get_settings, get_settings)()
+
+
+def _limiter_for(app: FastAPI, settings: Settings) -> RateLimiter:
+    """The app's submission limiter, rebuilt if the settings' rate changed (tests override settings)."""
+    wanted = (settings.rate_limit_per_minute, settings.rate_limit_burst)
+    current = getattr(app.state, "limiter", None)
+    if current is None or current[0] != wanted:
+        current = (wanted, RateLimiter(*wanted))
+        app.state.limiter = current
+    return current[1]
 
 
 def reap_once(settings: Settings) -> list[tuple[str, str]]:
@@ -99,9 +110,16 @@ def create_app() -> FastAPI:
         if path not in OPEN_PATHS:
             settings = _settings_for(app)
             try:
-                check_key(request.headers.get("authorization"), settings)
+                key_hash = check_key(request.headers.get("authorization"), settings)
             except ApiError as err:
                 return error_response(err.status, err.message, type=err.type, code=err.code, headers=err.headers)
+            if request.method == "POST" and path.rstrip("/") == "/v1/quantizations":
+                wait = _limiter_for(app, settings).take(key_hash) if settings.rate_limit_per_minute > 0 else 0.0
+                if wait > 0:
+                    return error_response(
+                        429, f"rate limit of {settings.rate_limit_per_minute:g} submissions a minute per API key "
+                             f"reached; retry in {retry_after(wait)} s (TARQ_RATE_LIMIT_PER_MINUTE)",
+                        code="rate_limit_exceeded", headers={"Retry-After": retry_after(wait)})
             length = request.headers.get("content-length")
             if length and length.isdigit() and request.method in ("POST", "PUT", "PATCH"):
                 limit = settings.max_file_bytes if path.startswith("/v1/audio") else settings.max_total_bytes

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     max_audio_seconds: float = 600.0
     max_archive_ratio: float = 200.0  # uncompressed/compressed, per member: zip bombs go far beyond this
 
+    # submissions (POST /v1/quantizations) per API key and minute, token bucket; 0 turns the limit off
+    rate_limit_per_minute: float = 30.0
+    rate_limit_burst: int = 0  # bucket size; 0: one minute's worth
+
     # jobs
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 120.0  # a running job whose heartbeat is older is presumed lost
@@ -60,6 +64,10 @@ class Settings(BaseSettings):
     transcribe_time_limit: int = 600
     transcribe_wait_seconds: float = 600.0
     device: str = "auto"  # worker device: auto (cuda if present), cpu, cuda, cuda:1 ...
+    # Cap on the address space (RLIMIT_AS) each worker pool process may add once its libraries are
+    # loaded: a task that needs more fails with "out of memory" and the process lives on. 0: no cap.
+    # For CPU workers: CUDA reserves far more address space than it uses, so leave it 0 on GPU hosts.
+    worker_memory_limit_mb: int = 0
     model_cache_size: int = 2  # loaded models kept per worker process
     default_model: str = ""  # what "whisper-1" (the OpenAI client's habit) maps to; empty: refused
     hub_offline: bool = False  # accept a Hub id only if it is already in the local HF cache

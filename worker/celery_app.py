@@ -8,10 +8,16 @@ broker only once its task finished, and a worker never hoards jobs it cannot sta
 """
 from __future__ import annotations
 
+import logging
+import resource
+
 from celery import Celery
+from celery.signals import worker_process_init
 from kombu import Queue
 
 from app.settings import QUEUES, Settings, get_settings
+
+log = logging.getLogger("tarq.worker")
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -27,6 +33,44 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     return celery
+
+
+def _address_space_mb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def apply_memory_limit(settings: Settings) -> int | None:
+    """TARQ_WORKER_MEMORY_LIMIT_MB: cap this process's address space at what it holds once the
+    libraries every task needs are loaded, plus that many MB. Allocations beyond it fail (MemoryError,
+    or torch's "can't allocate memory"), the task ends its job `failed` with that reason, and the
+    process goes on with the next one. Returns the cap in bytes, or None when there is none."""
+    if settings.worker_memory_limit_mb <= 0:
+        return None
+    # Loaded first so that the cap counts what tasks allocate, not the size of torch's libraries.
+    import torch  # noqa: F401
+    import transformers.models.whisper.modeling_whisper  # noqa: F401
+
+    import tarq.pipeline
+    import tarq.transcribe  # noqa: F401
+
+    limit = (_address_space_mb() + settings.worker_memory_limit_mb) << 20
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    log.info("worker process memory cap: %d MB of address space (TARQ_WORKER_MEMORY_LIMIT_MB=%d on top of "
+             "the loaded libraries)", limit >> 20, settings.worker_memory_limit_mb)
+    return limit
+
+
+@worker_process_init.connect
+def _limit_pool_process(**_kw) -> None:
+    # Pool processes only: the parent, which replaces a pool process that dies, is never capped.
+    apply_memory_limit(get_settings())
 
 
 app = make_celery()

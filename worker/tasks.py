@@ -136,7 +136,7 @@ def quantize(self, job_id: str) -> dict:
     except Cancelled as err:
         status, fields = jobs.CANCELLED, {"error": str(err) or "cancelled by request"}
     except TarqError as err:
-        status, fields = jobs.FAILED, {"error": str(err)}
+        status, fields = jobs.FAILED, {"error": _out_of_memory(err) or str(err)}
     except SoftTimeLimitExceeded:
         status, fields = jobs.FAILED, {"error": f"time limit of {settings.quantize_time_limit} s exceeded "
                                                 "(TARQ_QUANTIZE_TIME_LIMIT)"}
@@ -145,6 +145,8 @@ def quantize(self, job_id: str) -> dict:
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
             status, fields = jobs.FAILED, {"error": f"out of GPU memory while quantizing: {str(err).splitlines()[0]}"}
+        elif _out_of_memory(err):
+            status, fields = jobs.FAILED, {"error": _out_of_memory(err)}
         else:
             log.exception("job %s failed", job_id)
             status, fields = jobs.FAILED, {"error": f"internal error: {type(err).__name__}: {err}"}
@@ -162,6 +164,15 @@ def quantize(self, job_id: str) -> dict:
     storage().delete(f"uploads/{job_id}")  # a finished job needs its uploads no more
     log.info("job %s %s", job_id, status)
     return {"job": job_id, "status": status}
+
+
+def _out_of_memory(err: BaseException) -> str | None:
+    """Host RAM ran out without a MemoryError: torch's CPU allocator raises RuntimeError, and a failed
+    mmap of the weights surfaces as the loader's ModelError. Both carry ENOMEM's text."""
+    text = str(err)
+    if "can't allocate memory" in text or "Cannot allocate memory" in text:
+        return f"out of memory (host RAM) while quantizing: {text.splitlines()[0][:300]}"
+    return None
 
 
 def _artifact_info(path: Path) -> dict:

@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from app import jobs
 from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
-from app.schemas import ERROR_RESPONSES, ApiError, QuantizationList, QuantizationPublic
+from app.schemas import ERROR_RESPONSES, ApiError, ErrorResponse, QuantizationList, QuantizationPublic
 from app.uploads import Budget, check_model_source, stage_set
 
 log = logging.getLogger("tarq.api")
@@ -32,7 +32,9 @@ def send_quantize(celery, job_id: str) -> None:
 
 
 @router.post("", status_code=202, response_model=QuantizationPublic,
-             responses={200: {"model": QuantizationPublic, "description": "same Idempotency-Key: the earlier job"}})
+             responses={200: {"model": QuantizationPublic, "description": "same Idempotency-Key: the earlier job"},
+                        429: {"model": ErrorResponse, "description": "submission rate limit per API key reached; "
+                                                                      "see the Retry-After header"}})
 def create_quantization(
     settings: SettingsDep,
     engine: EngineDep,

@@ -1,0 +1,288 @@
+"""Fault injection with real processes: the API restarted while a job runs, Redis killed and restarted
+(AOF on, on a Redis of our own) while jobs wait in the queue, and a task that runs out of memory.
+
+(The worker SIGKILLed mid-job is in test_e2e.py; the database down in test_api.py.)"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.service.conftest import free_port, stop, tarq_command, wait_http
+from tests.service.test_e2e import follow, run_logged, tail
+
+
+def _files(clips, transcripts: bytes | None):
+    files = [("files", (c.name, c.read_bytes(), "audio/flac")) for c in clips]
+    if transcripts:
+        files.append(("transcripts", ("transcripts.tsv", transcripts, "text/tab-separated-values")))
+    return files
+
+
+def _wait_for(predicate, timeout: float, what: str, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(every)
+
+
+def _stop_group(proc) -> None:
+    """Stop a worker started in its own session (the Celery parent and its pool children)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_api_restart_while_a_job_runs_keeps_its_state_and_progress(tmp_path, subprocess_env, clips,
+                                                                   clip_transcripts):
+    """SIGKILL `tarq serve --no-worker` while a separate worker quantizes, start it again on the same
+    data dir (SQLite, filesystem broker): the job is still there, its progress never went back, it was
+    never handed to a second attempt, and it finishes."""
+    env = dict(subprocess_env, TARQ_API_KEYS="restart-key", TARQ_STALE_AFTER_SECONDS="20")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    serve = tarq_command("serve", "--no-worker", "--port", str(port))
+    api, api_log = run_logged(serve, env, tmp_path / "api1.log")
+    worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker.log",
+                                    new_session=True)
+    client = httpx.Client(base_url=base, headers={"Authorization": "Bearer restart-key"}, timeout=60)
+    try:
+        wait_http(f"{base}/healthz", api)
+        created = client.post("/v1/quantizations", files=_files(clips, clip_transcripts),
+                               data={"model": "tiny-whisper", "method": "tarq"})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        before = _wait_for(lambda: (j := client.get(f"/v1/quantizations/{job_id}").json())["status"] != "queued"
+                           and j["progress"]["stage"] and j, 180, "the job starting")
+        api.kill()  # no shutdown of any kind
+        api.wait()
+        api_log.close()
+        time.sleep(1.0)
+        api, api_log = run_logged(serve, env, tmp_path / "api2.log")
+        wait_http(f"{base}/healthz", api)
+        after = client.get(f"/v1/quantizations/{job_id}").json()
+        assert after["status"] in ("running", "succeeded"), after
+        assert after["progress"]["fraction"] >= before["progress"]["fraction"]
+        assert after["attempts"] == 1 and after["created_at"] == before["created_at"]
+        assert after["config"] == before["config"] and after["files"] == before["files"]
+        job, _ = follow(client, job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        assert job["model"] in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    except BaseException:
+        print(tail(tmp_path / "api1.log"), tail(tmp_path / "api2.log") if (tmp_path / "api2.log").exists() else "")
+        print(tail(tmp_path / "worker.log"))
+        raise
+    finally:
+        client.close()
+        _stop_group(worker)
+        stop(api)
+        api_log.close()
+        worker_log.close()
+
+
+def _start_redis(port: int, folder) -> subprocess.Popen:
+    # The compose file's persistence: AOF, fsync every second.
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                             "--daemonize", "no", "--protected-mode", "yes"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import redis
+
+    _wait_for(lambda: _pings(redis.Redis(port=port, socket_connect_timeout=1)), 20, "redis starting")
+    return proc
+
+
+def _pings(client) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_killed_and_restarted_loses_no_queued_job(tmp_path, subprocess_env, clips, clip_transcripts):
+    """Jobs accepted while no worker runs wait in a Redis of our own (AOF everysec, as in
+    docker-compose.yml). Redis is SIGKILLed and started again on the same folder: every accepted job is
+    still queued and finishes once a worker starts. While Redis is down a submission is refused with 503
+    and leaves a failed record, not a queued job nobody will run."""
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis_port = free_port()
+    redis_proc = _start_redis(redis_port, redis_dir)
+    env = dict(subprocess_env, TARQ_API_KEYS="redis-key", TARQ_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api, api_log = run_logged(tarq_command("serve", "--no-worker", "--port", str(port)), env, tmp_path / "api.log")
+    worker = worker_log = None
+    client = httpx.Client(base_url=base, headers={"Authorization": "Bearer redis-key"}, timeout=60)
+
+    def submit():
+        return client.post("/v1/quantizations", files=_files(clips[:1], None), data={"model": "tiny-whisper",
+                                                                                    "method": "rtn"})
+
+    try:
+        wait_http(f"{base}/healthz", api)
+        accepted = []
+        for _ in range(3):
+            response = submit()
+            assert response.status_code == 202, response.text
+            accepted.append(response.json()["id"])
+        time.sleep(2.0)  # past appendfsync everysec: what a restart must keep is on disk
+        redis_proc.kill()
+        redis_proc.wait()
+
+        down = client.get("/readyz")
+        assert down.status_code == 503 and down.json()["checks"]["broker"].startswith("error"), down.text
+        refused = submit()
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "broker_unavailable"
+        listed = {j["id"]: j for j in client.get("/v1/quantizations", params={"limit": 100}).json()["data"]}
+        assert {listed[i]["status"] for i in accepted} == {"queued"}
+        assert [j["status"] for i, j in listed.items() if i not in accepted] == ["failed"]
+
+        redis_proc = _start_redis(redis_port, redis_dir)
+        _wait_for(lambda: client.get("/readyz").status_code == 200, 30, "the API seeing Redis again")
+        response = submit()  # the API reconnects by itself
+        assert response.status_code == 202, response.text
+        accepted.append(response.json()["id"])
+
+        worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker.log",
+                                        new_session=True)
+        for job_id in accepted:
+            job, _ = follow(client, job_id, timeout=300)
+            assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    except BaseException:
+        print(tail(tmp_path / "api.log"))
+        if (tmp_path / "worker.log").exists():
+            print(tail(tmp_path / "worker.log"))
+        raise
+    finally:
+        client.close()
+        _stop_group(worker)
+        stop(api)
+        api_log.close()
+        if worker_log is not None:
+            worker_log.close()
+        stop(redis_proc)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_killed_while_a_job_runs_the_job_still_ends(tmp_path, subprocess_env, clips, clip_transcripts):
+    """Redis dies (SIGKILL) and comes back while a worker quantizes: the job is never stuck `running`
+    and never lost; it ends `succeeded` (on the first attempt, or on a second after the reaper requeues
+    it if the worker dropped it when its broker connection broke)."""
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis_port = free_port()
+    redis_proc = _start_redis(redis_port, redis_dir)
+    env = dict(subprocess_env, TARQ_API_KEYS="redis-key", TARQ_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
+               TARQ_STALE_AFTER_SECONDS="6", TARQ_HEARTBEAT_SECONDS="1")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api, api_log = run_logged(tarq_command("serve", "--no-worker", "--port", str(port)), env, tmp_path / "api.log")
+    worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker.log",
+                                    new_session=True)
+    client = httpx.Client(base_url=base, headers={"Authorization": "Bearer redis-key"}, timeout=60)
+    try:
+        wait_http(f"{base}/healthz", api)
+        created = client.post("/v1/quantizations", files=_files(clips, clip_transcripts),
+                              data={"model": "tiny-whisper", "method": "tarq"})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        _wait_for(lambda: client.get(f"/v1/quantizations/{job_id}").json()["status"] == "running", 180,
+                  "the job starting")
+        redis_proc.kill()
+        redis_proc.wait()
+        time.sleep(2.0)
+        redis_proc = _start_redis(redis_port, redis_dir)
+        job, _ = follow(client, job_id, timeout=300)
+        assert job["status"] == "succeeded" and job["attempts"] in (1, 2), job
+        assert worker.poll() is None, "the worker died with its broker"
+    except BaseException:
+        print(tail(tmp_path / "api.log"))
+        print(tail(tmp_path / "worker.log"))
+        raise
+    finally:
+        client.close()
+        _stop_group(worker)
+        stop(api)
+        api_log.close()
+        worker_log.close()
+        stop(redis_proc)
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_a_task_fails_the_job_and_the_worker_lives_on(tmp_path, subprocess_env, model_root):
+    """TARQ_WORKER_MEMORY_LIMIT_MB caps each pool process's address space (RLIMIT_AS) at its loaded
+    libraries plus 600 MB: an RTN job on a 300 MB model (768 wide) needs more than that and fails with
+    "out of memory"; the same worker process then quantizes the tiny model."""
+    from tests.conftest import build_tiny_whisper
+
+    wide_root = tmp_path / "models"
+    build_tiny_whisper(wide_root / "wide-whisper", d_model=768, encoder_ffn_dim=3072, decoder_ffn_dim=3072)
+    env = dict(subprocess_env, TARQ_API_KEYS="oom-key", TARQ_WORKER_MEMORY_LIMIT_MB="600",
+               TARQ_MODEL_ROOTS=f"{model_root},{wide_root}")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api, api_log = run_logged(tarq_command("serve", "--no-worker", "--port", str(port)), env, tmp_path / "api.log")
+    worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker.log",
+                                    new_session=True)
+    client = httpx.Client(base_url=base, headers={"Authorization": "Bearer oom-key"}, timeout=60)
+    try:
+        wait_http(f"{base}/healthz", api)
+        big = client.post("/v1/quantizations", data={"model": "wide-whisper", "method": "rtn"})
+        assert big.status_code == 202, big.text
+        job, _ = follow(client, big.json()["id"], timeout=300)
+        assert job["status"] == "failed" and job["error"].startswith("out of memory"), job
+        assert job["attempts"] == 1 and job["model"] is None
+        assert worker.poll() is None, "the worker died"
+        small = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"})
+        job, _ = follow(client, small.json()["id"], timeout=300)
+        assert job["status"] == "succeeded", job
+        assert worker.poll() is None
+        log = (tmp_path / "worker.log").read_text(errors="replace")
+        assert "memory cap" in log and "WorkerLostError" not in log
+    except BaseException:
+        print(tail(tmp_path / "api.log"))
+        print(tail(tmp_path / "worker.log"))
+        raise
+    finally:
+        client.close()
+        _stop_group(worker)
+        stop(api)
+        api_log.close()
+        worker_log.close()
+
+
+def test_out_of_memory_without_a_memory_error_is_named_so():
+    """Host RAM running out reaches the task in three shapes (seen under RLIMIT_AS): MemoryError,
+    torch's RuntimeError from its CPU allocator, and the loader's ModelError around a failed mmap."""
+    from tarq.errors import ModelError
+    from worker.tasks import _out_of_memory
+
+    torch_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                             "memory: you tried to allocate 9437184 bytes. Error code 12 (Cannot allocate memory)")
+    mmap_oom = ModelError("cannot load Whisper from /m: unable to mmap 305456072 bytes from file "
+                          "</m/model.safetensors>: Cannot allocate memory (12)")
+    for err in (torch_oom, mmap_oom):
+        assert _out_of_memory(err).startswith("out of memory (host RAM) while quantizing: ")
+    assert _out_of_memory(RuntimeError("shape mismatch")) is None
+    assert _out_of_memory(ModelError("/m has no weights (*.safetensors)")) is None
