@@ -391,3 +391,36 @@ def test_broker_down_gives_503_and_a_failed_job(make_client, make_settings, clip
     assert "broker" in err["message"]
     [job] = jobs.list_jobs(get_engine(settings.database))
     assert job["status"] == "failed" and "could not queue" in job["error"]
+
+
+def _wav(seconds: float, rate: int, channels: int) -> bytes:
+    """A 440 Hz tone as 16-bit PCM WAV, written with the standard library."""
+    import io
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+    frames = np.repeat(tone[:, None], channels, axis=1).tobytes()
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames)
+    return buf.getvalue()
+
+
+def test_zero_second_audio_is_refused(client):
+    err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "gptq"},
+                               files=[("files", ("silence.wav", _wav(0, 16000, 1), "audio/wav"))]), 422)
+    assert "silence.wav" in err["message"]
+
+
+@pytest.mark.parametrize("rate,channels", [(8000, 1), (44100, 2), (48000, 6)])
+def test_other_sample_rates_and_multichannel_are_accepted(client, rate, channels):
+    """Any rate and channel layout is valid speech: tarq downmixes and resamples to 16 kHz mono."""
+    r = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "gptq"},
+                    files=[("files", (f"tone-{rate}-{channels}.wav", _wav(1.5, rate, channels), "audio/wav"))])
+    assert r.status_code == 202, r.text
