@@ -99,6 +99,10 @@ class TarqSolve:
     result: GPTQResult
     lam: float
     alphas: list[float] | None  # one per row block of `splits`
+    # per row block: |D|_H / |E|_H and cos(E, D) in the H metric; alpha = cos * |E|_H / |D|_H, so these
+    # say whether a small alpha comes from a small drift or from a pilot error unrelated to it
+    drift_ratios: list[float] | None
+    cosines: list[float] | None
     H: torch.Tensor  # the metric the solves used (H_rb, or plain H)
     rtn_weight: torch.Tensor | None  # round-to-nearest on the same grid, for the report
     pilot_weight: torch.Tensor
@@ -123,15 +127,18 @@ def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int
     rtn_weight = rtn(W, bits, group_size, sym).dequantize() if with_rtn else None
     pilot = gptq(W, H, **solve)
     if not use_residual or stats.Hdelta is None:
-        return TarqSolve(pilot, lam, None, H, rtn_weight, pilot.weight)
+        return TarqSolve(pilot, lam, None, None, None, H, rtn_weight, pilot.weight)
     D = drift_direction(W, H, stats.Hdelta, damp)
     E = pilot.weight - W
-    alphas, target, start = [], W.clone(), 0
+    alphas, ratios, cosines, target, start = [], [], [], W.clone(), 0
     for rows in splits or [W.shape[0]]:
         part = slice(start, start + rows)
+        ee, dd = h_inner(E[part], E[part], H), h_inner(D[part], D[part], H)
+        ratios.append((dd / ee) ** 0.5 if ee > 0 else 0.0)
+        cosines.append(h_inner(E[part], D[part], H) / ((ee * dd) ** 0.5) if ee > 0 and dd > 0 else 0.0)
         alpha = 1.0 if full_step else residual_alpha(E[part], D[part], H)
         target[part] += alpha * D[part]
         alphas.append(alpha)
         start += rows
     final = gptq(target, H, **solve)
-    return TarqSolve(final, lam, alphas, H, rtn_weight, pilot.weight)
+    return TarqSolve(final, lam, alphas, ratios, cosines, H, rtn_weight, pilot.weight)

@@ -160,6 +160,8 @@ class Driver:
                 "name": full,
                 "lambda": solved.lam,
                 "alpha": solved.alphas[k] if solved.alphas else None,
+                "drift_ratio": solved.drift_ratios[k] if solved.drift_ratios else None,
+                "drift_cosine": solved.cosines[k] if solved.cosines else None,
                 "tail_share": stats.tail_share,
                 "positions": stats.n_common + stats.n_tail,
                 "tail_positions": stats.n_tail,

@@ -100,6 +100,10 @@ def test_tarq_solve_residual_follows_the_paper_steps():
     D = drift_direction(W, st.H, st.Hdelta, 0.01)
     alphas = [residual_alpha((pilot.weight - W)[s], D[s], st.H) for s in (slice(0, 8), slice(8, 16))]
     assert res.alphas == pytest.approx(alphas, rel=1e-5)
+    E = pilot.weight - W
+    for k, s in enumerate((slice(0, 8), slice(8, 16))):  # alpha = cos * |E|_H / |D|_H
+        assert res.alphas[k] == pytest.approx(res.cosines[k] / res.drift_ratios[k], rel=1e-4)
+        assert res.drift_ratios[k] == pytest.approx((h_inner(D[s], D[s], st.H) / h_inner(E[s], E[s], st.H)) ** 0.5)
     assert alphas[0] != pytest.approx(alphas[1])
     target = W.clone()
     target[:8] += alphas[0] * D[:8]
