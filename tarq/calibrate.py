@@ -15,6 +15,7 @@ import torch
 from .audio import SAMPLE_RATE, list_audio, load_audio, read_transcripts
 from .config import QuantConfig
 from .errors import CalibrationError
+from .models.whisper import is_multilingual
 from .tagging import frame_tail_mask, token_tail_mask
 
 SECONDS_PER_FRAME = 0.02  # one encoder position per 20 ms (30 s -> 1500)
@@ -41,10 +42,6 @@ def load_samples(calib: Path, num_samples: int, seed: int = 0) -> list[CalibSamp
     tsv = calib / "transcripts.tsv"
     texts = read_transcripts(tsv) if tsv.exists() else {}
     return [CalibSample(f.name, load_audio(f), texts.get(f.name)) for f in files]
-
-
-def is_multilingual(model) -> bool:
-    return bool(getattr(model.generation_config, "is_multilingual", False))
 
 
 def prompt_kwargs(model) -> dict:

@@ -60,19 +60,14 @@ def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config:
         "torch": torch.__version__,
         "host": platform.machine(),
     }
-    t = time.perf_counter()
-    report_progress(Progress("save", driver_total(driver), driver_total(driver)))
+    n = len(driver.blocks)
+    report_progress(Progress("save", n, n))
     out = save_artifact(fp_model, quantized, processor, Path(out_dir), config=config, base_model=str(model),
                         report=report)
-    timings["save"] = time.perf_counter() - t
     if eval_dir is not None:
         from .evaluate import attach_metrics
 
-        report_progress(Progress("evaluate", driver_total(driver), driver_total(driver)))
+        report_progress(Progress("evaluate", n, n))
         attach_metrics(out, model, Path(eval_dir), device=device)
-    report_progress(Progress("done", driver_total(driver), driver_total(driver)))
+    report_progress(Progress("done", n, n))
     return out
-
-
-def driver_total(driver: Driver) -> int:
-    return len(driver.blocks)

@@ -20,6 +20,7 @@ import torch
 
 from tarq.errors import AudioError, ModelError
 from tarq.formats import LANGUAGES, Segment, Transcript, Word
+from tarq.models.whisper import is_multilingual
 
 SAMPLE_RATE = 16000  # Whisper's; tarq.audio.load_audio returns audio at this rate
 WINDOW_SECONDS = 30.0  # one encoder pass; longer clips need timestamp-driven long-form decoding
@@ -79,13 +80,6 @@ class ModelCache:
 
 # ---------------------------------------------------------------------------------------------
 # Model facts
-
-
-def is_multilingual(model) -> bool:
-    gc = model.generation_config
-    if getattr(gc, "is_multilingual", None) is not None:
-        return bool(gc.is_multilingual)
-    return bool(getattr(gc, "lang_to_id", None))
 
 
 def has_timestamps(model, processor) -> bool:

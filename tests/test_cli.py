@@ -21,9 +21,9 @@ def one_line_error(proc, *needles):
         assert n in err[0], err[0]
 
 
-def test_quantize_then_transcribe(tiny_whisper_dir, calib_dir, tmp_path):
+def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     out = tmp_path / "art"
-    proc = tarq("quantize", tiny_whisper_dir, "--calib", calib_dir, "--out", out, "--method", "tarq",
+    proc = tarq("quantize", short_whisper_dir, "--calib", calib_dir, "--out", out, "--method", "tarq",
                 "--num-samples", 4, "--batch-size", 4)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
@@ -63,9 +63,9 @@ def test_errors_are_one_line(tiny_whisper_dir, calib_dir, tmp_path):
     one_line_error(tarq("transcribe", tiny_whisper_dir, fake), "fake.mp3")
 
 
-def test_eval_writes_json(tiny_whisper_dir, calib_dir, tmp_path):
+def test_eval_writes_json(short_whisper_dir, calib_dir, tmp_path):
     out = tmp_path / "eval.json"
-    proc = tarq("eval", tiny_whisper_dir, "--data", calib_dir, "--json", out, "--limit", 2)
+    proc = tarq("eval", short_whisper_dir, "--data", calib_dir, "--json", out, "--limit", 2)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert {"wer", "rare_wer", "common_wer", "utterances", "rare_words", "seconds", "hypotheses"} <= res.keys()

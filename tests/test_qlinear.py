@@ -153,11 +153,10 @@ def test_kernel_cache_is_rebuilt_after_a_move():
     assert rel(layer(x.double()), y) < 1e-2
 
 
-def test_replace_linears_matches_fake_quant_model():
-    from conftest import tiny_config
+def test_replace_linears_matches_fake_quant_model(tiny_whisper_dir):
     from transformers import WhisperForConditionalGeneration
 
-    model = WhisperForConditionalGeneration(tiny_config()).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir).eval()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
     quantized = {n: rtn(model.get_submodule(n).weight.data, 4, 128, sym=False) for n in names}
     fake = copy.deepcopy(model)

@@ -107,6 +107,14 @@ def decoder_inputs(model: nn.Module, input_ids: torch.Tensor, encoder_out: torch
     return args.pop("hidden_states"), args
 
 
+def is_multilingual(model) -> bool:
+    """Multilingual checkpoints take language/task prompts; English-only ones refuse them."""
+    gc = model.generation_config
+    if getattr(gc, "is_multilingual", None) is not None:
+        return bool(gc.is_multilingual)
+    return bool(getattr(gc, "lang_to_id", None))
+
+
 def encoder_output(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """What cross-attention reads: the last block's output through the final layer norm."""
     return model.model.encoder.layer_norm(hidden)
