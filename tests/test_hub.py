@@ -124,14 +124,14 @@ def _words(text: str) -> str:
 
 
 def _transcribe(path: Path, clip: str, **gen_kwargs):
-    import soundfile as sf
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
+    from tarq.audio import SAMPLE_RATE, load_audio
+
     model = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     proc = WhisperProcessor.from_pretrained(path)
-    audio, sr = sf.read(SPEECH / clip, dtype="float32")
-    assert sr == 16000
+    audio, sr = load_audio(SPEECH / clip), SAMPLE_RATE
     feats = proc(audio, sampling_rate=sr, return_tensors="pt").input_features
     with torch.inference_mode():
         out = model.generate(feats, **gen_kwargs)
