@@ -172,24 +172,35 @@ def write_report(rows: list[dict], args) -> None:
 
 
 def plot(rows: list[dict], sets: list[str]) -> None:
+    """One panel per (model, data set); variants more than 3x FP's WER are left out (named in the title)
+    so that one broken variant does not squash the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 5))
-    for ax, s in zip(axes, sets):
-        for r in rows:
-            e = r["eval"].get(s)
-            if not e or e.get("wer") is None or e.get("rare_wer") is None:
-                continue
-            marker = "o" if r["model"].endswith(".en") else "s"
-            ax.scatter(e["wer"], e["rare_wer"], marker=marker)
-            ax.annotate(f"{r['model']}:{r['variant']}", (e["wer"], e["rare_wer"]), fontsize=7)
-        ax.set_xlabel("WER %")
-        ax.set_ylabel("rare-WER %")
-        ax.set_title(s)
-        ax.grid(alpha=0.3)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), len(sets), figsize=(6 * len(sets), 4.5 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        mine = [r for r in rows if r["model"] == model]
+        for ax, s in zip(axes[i], sets):
+            fp = next((r["eval"][s]["wer"] for r in mine if r["variant"] == "fp" and s in r["eval"]), None)
+            left_out = []
+            for r in mine:
+                e = r["eval"].get(s)
+                if not e or e.get("wer") is None or e.get("rare_wer") is None:
+                    continue
+                if fp and e["wer"] > 3 * fp:
+                    left_out.append(r["variant"])
+                    continue
+                ax.scatter(e["wer"], e["rare_wer"])
+                ax.annotate(r["variant"], (e["wer"], e["rare_wer"]), fontsize=8, xytext=(3, 3),
+                            textcoords="offset points")
+            ax.set_xlabel("WER %")
+            ax.set_ylabel("rare-WER %")
+            ax.set_title(f"{model} on {s}" + (f" (off scale: {', '.join(left_out)})" if left_out else ""),
+                         fontsize=9)
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(RESULTS / "quality.png", dpi=110)
 
