@@ -38,10 +38,12 @@ class LayerStats:
     def add(self, x: torch.Tensor, tail: torch.Tensor | None = None, x_fp: torch.Tensor | None = None) -> None:
         """x, x_fp [positions, columns]; tail [positions] bool (None: all common)."""
         x = x.reshape(-1, self.columns).float()
-        if tail is None:
-            tail = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        tail = tail.reshape(-1)
-        xc, xt = x[~tail], x[tail]
+        if tail is None or not bool(tail.any()):
+            # all common (GPTQ, and every encoder position by default): no masked copies of x
+            xc, xt = x, x[:0]
+        else:
+            tail = tail.reshape(-1)
+            xc, xt = x[~tail], x[tail]
         if xc.numel():
             self.Hc.addmm_(xc.T, xc)
         if xt.numel():
