@@ -53,13 +53,15 @@ def main() -> None:
 @click.option("--no-residual", is_flag=True, help="TARQ without the residual correction (ablation).")
 @click.option("--residual-step", type=click.Choice(["paper", "full"]), default="paper", show_default=True,
               help="paper: alpha from TARQ.md; full: alpha = 1 (the least-squares target; an experiment).")
+@click.option("--sequential", type=click.Choice(["block", "layer"]), default="block", show_default=True,
+              help="layer: capture each group's inputs after the groups before it in the block are quantized.")
 @click.option("--act-order", is_flag=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Audio + transcripts.tsv to score FP and quantized.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batch_size, encoder_tagging,
-             no_rarebal, no_residual, residual_step, act_order, seed, device, eval_data, force):
+             no_rarebal, no_residual, residual_step, sequential, act_order, seed, device, eval_data, force):
     """Quantize MODEL (a Hub id or a local folder) and write a Hugging Face model folder."""
     from tqdm import tqdm
 
@@ -73,7 +75,8 @@ def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batc
     device = _check_device(device)
     config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, num_samples=num_samples,
                          batch_size=batch_size, encoder_tagging=encoder_tagging, rarebal=not no_rarebal,
-                         residual=not no_residual, residual_step=residual_step, act_order=act_order, seed=seed)
+                         residual=not no_residual, residual_step=residual_step, sequential=sequential, act_order=act_order,
+                         seed=seed)
     bar = tqdm(total=0, unit="block", file=sys.stderr, dynamic_ncols=True)
 
     def show(p):

@@ -7,6 +7,7 @@ from typing import Literal
 Method = Literal["tarq", "gptq", "rtn"]
 EncoderTagging = Literal["common", "frames"]
 ResidualStep = Literal["paper", "full"]
+Sequential = Literal["block", "layer"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class QuantConfig:
     # least-squares target W + D (an experiment of this project, not the paper's method)
     residual_step: ResidualStep = "paper"
     encoder_tagging: EncoderTagging = "common"
+    # "block": every group of a block is solved on inputs captured in one pass through the block before
+    # any of it is quantized (two passes per block). "layer": each group's inputs are captured after the
+    # groups before it in the block are quantized (GPTQ's "true sequential"; about one more pass per
+    # block), so a residual correction earlier in the block is not corrected again by later groups.
+    sequential: Sequential = "block"
     # calibration
     num_samples: int = 128
     batch_size: int = 8
@@ -47,6 +53,8 @@ class QuantConfig:
             raise ValueError(f"encoder_tagging must be common or frames, not {self.encoder_tagging!r}")
         if self.residual_step not in ("paper", "full"):
             raise ValueError(f"residual_step must be paper or full, not {self.residual_step!r}")
+        if self.sequential not in ("block", "layer"):
+            raise ValueError(f"sequential must be block or layer, not {self.sequential!r}")
         if self.num_samples <= 0 or self.batch_size <= 0:
             raise ValueError("num_samples and batch_size must be positive")
         if self.lambda_cost <= 0:

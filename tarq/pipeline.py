@@ -55,6 +55,7 @@ def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config:
         "transcripts": {"given": len(data) - data.pseudo_labelled, "pseudo_labelled": data.pseudo_labelled}
         if data is not None else None,
         "layers": driver.layers,
+        "stream_drift": driver.stream_drift,
         "seconds": timings,
         "device": device,
         "torch": torch.__version__,

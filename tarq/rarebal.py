@@ -19,24 +19,35 @@ class LayerStats:
     """Second moments of one layer's inputs over the calibration positions, float32.
 
     Hc and Ht are the common and tail halves of H = sum x x^T over the quantized stream's inputs;
-    Hdelta = sum (x_fp - x) x^T over all positions (only when a full-precision stream runs)."""
+    Hdelta = sum (x_fp - x) x^T over all positions (only when a full-precision stream runs).
+
+    The residual correction only ever needs W Hdelta. For a layer with fewer rows than columns (fc2:
+    4x fewer) `delta_rows` accumulates that product directly from the layer's outputs,
+    sum (W x_fp - W x) x^T, which the forward pass computed anyway: rows x columns per position instead
+    of columns x columns."""
 
     columns: int
     device: torch.device | str = "cpu"
     with_delta: bool = False
+    delta_rows: int | None = None
     Hc: torch.Tensor = field(init=False)
     Ht: torch.Tensor = field(init=False)
     Hdelta: torch.Tensor | None = field(init=False)
+    WHdelta: torch.Tensor | None = field(init=False)
     n_common: int = 0
     n_tail: int = 0
 
     def __post_init__(self) -> None:
-        z = lambda: torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)  # noqa: E731
-        self.Hc, self.Ht = z(), z()
-        self.Hdelta = z() if self.with_delta else None
+        z = lambda rows: torch.zeros(rows, self.columns, dtype=torch.float32, device=self.device)  # noqa: E731
+        self.Hc, self.Ht = z(self.columns), z(self.columns)
+        by_output = self.with_delta and self.delta_rows is not None
+        self.Hdelta = z(self.columns) if self.with_delta and not by_output else None
+        self.WHdelta = z(self.delta_rows) if by_output else None
 
-    def add(self, x: torch.Tensor, tail: torch.Tensor | None = None, x_fp: torch.Tensor | None = None) -> None:
-        """x, x_fp [positions, columns]; tail [positions] bool (None: all common)."""
+    def add(self, x: torch.Tensor, tail: torch.Tensor | None = None, x_fp: torch.Tensor | None = None,
+            dy: torch.Tensor | None = None) -> None:
+        """x, x_fp [positions, columns]; tail [positions] bool (None: all common); dy [positions, rows] the
+        layer's output on x_fp minus its output on x (with `delta_rows`, instead of x_fp)."""
         x = x.reshape(-1, self.columns).float()
         if tail is None or not bool(tail.any()):
             # all common (GPTQ, and every encoder position by default): no masked copies of x
@@ -55,10 +66,24 @@ class LayerStats:
                 raise ValueError("this layer tracks drift: pass x_fp with x")
             x_fp = x_fp.reshape(-1, self.columns).float()
             self.Hdelta.addmm_((x_fp - x).T, x)
+        if self.WHdelta is not None:
+            if dy is None:
+                raise ValueError("this layer tracks drift through its outputs: pass dy with x")
+            self.WHdelta.addmm_(dy.reshape(-1, self.WHdelta.shape[0]).float().T, x)
 
     @property
     def H(self) -> torch.Tensor:
         return self.Hc + self.Ht
+
+    def w_hdelta(self, W: torch.Tensor) -> torch.Tensor:
+        """W Hdelta, for the W whose outputs `dy` came from when accumulated by output."""
+        if self.WHdelta is not None:
+            if W.shape != self.WHdelta.shape:
+                raise ValueError(f"drift was accumulated for W {tuple(self.WHdelta.shape)}, not {tuple(W.shape)}")
+            return self.WHdelta
+        if self.Hdelta is None:
+            raise ValueError("no drift statistics: gathered without a full-precision stream")
+        return W.float() @ self.Hdelta
 
     @property
     def tail_share(self) -> float:
@@ -77,12 +102,12 @@ def rarebal(stats: LayerStats, cost: float = 1.0) -> tuple[torch.Tensor, float]:
     return stats.Hc + lam * stats.Ht, lam
 
 
-def drift_direction(W: torch.Tensor, H: torch.Tensor, Hdelta: torch.Tensor, damp: float) -> torch.Tensor:
+def drift_direction(W_Hdelta: torch.Tensor, H: torch.Tensor, damp: float) -> torch.Tensor:
     """D = W Hdelta (H + delta I)^-1: the least-squares fix W -> W + D that maps the drifted inputs x
     to the full-precision outputs W x_fp (exact when H is the unweighted sum x x^T and delta is 0)."""
     Hd = damped(H, damp)
     # Solve from the right through the symmetric system: D Hd = W Hdelta.
-    return torch.linalg.solve(Hd, (W.float() @ Hdelta).T).T
+    return torch.linalg.solve(Hd, W_Hdelta.T).T
 
 
 def h_inner(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> float:
@@ -128,9 +153,9 @@ def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int
     W = W.float()
     rtn_weight = rtn(W, bits, group_size, sym).dequantize() if with_rtn else None
     pilot = gptq(W, H, **solve)
-    if not use_residual or stats.Hdelta is None:
+    if not use_residual or (stats.Hdelta is None and stats.WHdelta is None):
         return TarqSolve(pilot, lam, None, None, None, H, rtn_weight, pilot.weight)
-    D = drift_direction(W, H, stats.Hdelta, damp)
+    D = drift_direction(stats.w_hdelta(W), H, damp)
     E = pilot.weight - W
     alphas, ratios, cosines, target, start = [], [], [], W.clone(), 0
     for rows in splits or [W.shape[0]]:

@@ -35,6 +35,7 @@ class Driver:
         self.blocks = whisper.blocks(model)
         self.quantized: dict[str, QuantizedWeight] = {}
         self.layers: list[dict] = []
+        self.stream_drift: list[dict] = []  # per block, |x - x_fp|^2 / |x_fp|^2 after it (two streams only)
         self.two_streams = config.method == "tarq" and config.residual
         self.tagged = config.method == "tarq" and config.rarebal
 
@@ -110,16 +111,37 @@ class Driver:
 
     # -- one block -----------------------------------------------------------------------------
     def quantize_block(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> float:
+        solve = self.quantize_block_layerwise if self.config.sequential == "layer" else self.quantize_block_at_once
+        rel = solve(block, x, x_fp, kw_q, kw_fp, tails, masks)
+        if x_fp is not None:
+            # how far the quantized network's hidden states have drifted from the full-precision ones:
+            # the quantity the residual correction exists to keep small
+            pick = _picker(masks)
+            err = sum(float((pick(j, x[j]) - pick(j, x_fp[j])).float().pow(2).sum()) for j in range(len(x)))
+            ref = sum(float(pick(j, x_fp[j]).float().pow(2).sum()) for j in range(len(x)))
+            self.stream_drift.append({"block": block.prefix, "drift": err / max(ref, 1e-30)})
+        return rel
+
+    def drift_by_output(self, block, group: tuple[str, ...]) -> bool:
+        """A single layer with at most half as many rows as columns (fc2) tracks drift through its outputs."""
+        lin = block.linear(group[0])
+        return self.two_streams and len(group) == 1 and 2 * lin.out_features <= lin.in_features
+
+    def new_stats(self, block, group: tuple[str, ...], device) -> LayerStats:
+        lin = block.linear(group[0])
+        return LayerStats(lin.in_features, device, with_delta=self.two_streams,
+                          delta_rows=lin.out_features if self.drift_by_output(block, group) else None)
+
+    def quantize_block_at_once(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> float:
         """Gather every group's statistics on both streams, solve the groups, then advance the streams:
         x through the quantized block, x_fp through the full-precision one (computed before solving)."""
         groups = block.groups
-        stats = [LayerStats(block.linear(g[0]).in_features, x[0].device, with_delta=self.two_streams)
-                 for g in groups]
-        seen: dict[int, torch.Tensor] = {}
-        with capture_inputs([block.linear(g[0]) for g in groups], seen):
+        stats = [self.new_stats(block, g, x[0].device) for g in groups]
+        pick = _picker(masks)
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with capture_io([block.linear(g[0]) for g in groups], seen):
             for j in range(len(x)):
                 self.check_stop()
-                pick = (lambda t: t[masks[j]]) if masks is not None else (lambda t: t.reshape(-1, t.shape[-1]))
                 cap_fp = None
                 if x_fp is not None:
                     seen.clear()
@@ -127,11 +149,49 @@ class Driver:
                     cap_fp = dict(seen)
                 seen.clear()
                 block.module(x[j], **_call_args(kw_q[j]))
-                tail = pick(tails[j]) if tails[j] is not None else None
+                tail = pick(j, tails[j]) if tails[j] is not None else None
                 for k, st in enumerate(stats):
-                    st.add(pick(seen[k]), tail, pick(cap_fp[k]) if cap_fp is not None else None)
+                    (xin, y), fp = seen[k], (cap_fp[k] if cap_fp is not None else None)
+                    _add(st, pick(j, xin), tail, None if fp is None else pick(j, fp[0]),
+                         pick(j, fp[1]) - pick(j, y) if st.WHdelta is not None else None)
         rel = [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
         del stats
+        for j in range(len(x)):
+            x[j] = block.module(x[j], **_call_args(kw_q[j]))
+        return float(sum(rel) / len(rel))
+
+    def quantize_block_layerwise(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> float:
+        """Solve the groups in block order, each on x-stream inputs captured after the groups before it
+        were quantized. x_fp runs once through the full-precision block first; its inputs to every group
+        (and outputs, where drift is tracked by output) are kept at the selected positions until that
+        group is solved."""
+        groups = block.groups
+        pick = _picker(masks)
+        fp_io: list[list[tuple | None]] | None = None
+        if x_fp is not None:
+            fp_io = [[None] * len(x) for _ in groups]
+            seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            with capture_io([block.linear(g[0]) for g in groups], seen):
+                for j in range(len(x)):
+                    self.check_stop()
+                    seen.clear()
+                    x_fp[j] = block.module(x_fp[j], **_call_args(kw_fp[j]))
+                    for k, g in enumerate(groups):
+                        fp_io[k][j] = (pick(j, seen[k][0]),
+                                       pick(j, seen[k][1]) if self.drift_by_output(block, g) else None)
+        rel = []
+        for k, group in enumerate(groups):
+            first = block.linear(group[0])
+            st = self.new_stats(block, group, x[0].device)
+            for j in range(len(x)):
+                self.check_stop()
+                xin, y = io_of(first, lambda: block.module(x[j], **_call_args(kw_q[j])))
+                fp = fp_io[k][j] if fp_io is not None else None
+                _add(st, pick(j, xin), pick(j, tails[j]) if tails[j] is not None else None,
+                     None if fp is None else fp[0], fp[1] - pick(j, y) if st.WHdelta is not None else None)
+                if fp_io is not None:
+                    fp_io[k][j] = None
+            rel.append(self.solve_group(block, group, st))
         for j in range(len(x)):
             x[j] = block.module(x[j], **_call_args(kw_q[j]))
         return float(sum(rel) / len(rel))
@@ -183,10 +243,49 @@ def _call_args(kw: dict) -> dict:
     return {k: v for k, v in kw.items() if k != "hidden_states"}
 
 
+def _picker(masks):
+    """Batch j's calibration positions of a [B, T, ...] tensor: the unpadded tokens on the decoder
+    (masks), every frame on the encoder."""
+    if masks is None:
+        return lambda j, t: t.reshape(-1, t.shape[-1]) if t.dim() > 2 else t.reshape(-1)
+    return lambda j, t: t[masks[j]]
+
+
+def _add(st: LayerStats, x, tail, x_fp, dy) -> None:
+    if st.WHdelta is not None:
+        st.add(x, tail, dy=dy)
+    else:
+        st.add(x, tail, x_fp)
+
+
+class _Stop(Exception):
+    pass
+
+
+def io_of(linear: nn.Linear, run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and output of `linear` during `run()`; the forward stops right after it."""
+    got: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(_m, args, out):
+        got.append((args[0], out))
+        raise _Stop
+
+    handle = linear.register_forward_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"{type(linear).__name__} was never called")
+    return got[0]
+
+
 @contextmanager
-def capture_inputs(linears: list[nn.Linear], seen: dict[int, torch.Tensor]):
-    """While active, seen[k] holds the last input of linears[k]."""
-    handles = [lin.register_forward_pre_hook(lambda _m, args, k=k: seen.__setitem__(k, args[0]))
+def capture_io(linears: list[nn.Linear], seen: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """While active, seen[k] holds the last (input, output) of linears[k]."""
+    handles = [lin.register_forward_hook(lambda _m, args, out, k=k: seen.__setitem__(k, (args[0], out)))
                for k, lin in enumerate(linears)]
     try:
         yield

@@ -118,3 +118,31 @@ def test_bad_model_folder(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         quantize_model(tmp_path / "m", None, tmp_path / "x", QuantConfig(method="rtn"))
+
+
+def test_layer_sequential_solves_later_groups_on_quantized_inputs(tiny_whisper_dir, calib_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    packed = {}
+    for mode in ("block", "layer"):
+        out = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / mode,
+                             QuantConfig(method="gptq", batch_size=4, sequential=mode))
+        packed[mode] = load_file(out / "model.safetensors")
+    first = "model.encoder.layers.0.self_attn.q_proj.weight_packed"  # first group: same inputs either way
+    later = "model.encoder.layers.0.fc2.weight_packed"  # reads the output of the quantized fc1 in "layer"
+    assert torch.equal(packed["block"][first], packed["layer"][first])
+    assert not torch.equal(packed["block"][later], packed["layer"][later])
+
+
+def test_layer_sequential_tarq_full_step(tiny_whisper_dir, calib_dir, tmp_path):
+    from tarq.artifact import load_artifact
+
+    out = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "t",
+                         QuantConfig(batch_size=4, sequential="layer", residual_step="full"))
+    report = report_of(out)
+    assert report["config"]["sequential"] == "layer"
+    assert all(r["alpha"] == 1.0 for r in report["layers"])
+    drift = report["stream_drift"]
+    assert [d["block"] for d in drift] == [f"model.{side}.layers.{i}" for side in ("encoder", "decoder") for i in (0, 1)]
+    assert all(d["drift"] > 0 for d in drift)
+    assert {r["name"] for r in report["layers"]} == set(quantizable_names(load_artifact(out)[0]))

@@ -48,7 +48,7 @@ def test_drift_direction_is_least_squares_fix():
     x = x_fp + 0.1 * torch.randn(n, cols, generator=g) + 0.05  # drift: noise and a bias
     W = torch.randn(rows, cols, generator=g)
     st = stats_from(x, None, x_fp)
-    D = drift_direction(W, st.H, st.Hdelta, damp=1e-9)
+    D = drift_direction(st.w_hdelta(W), st.H, damp=1e-9)
     # brute force: argmin_V sum_t |V x_t - W x_fp_t|^2
     V = torch.linalg.lstsq(x.double(), (x_fp.double() @ W.double().T)).solution.T
     assert torch.allclose((W + D).double(), V, atol=1e-3)
@@ -97,7 +97,7 @@ def test_tarq_solve_residual_follows_the_paper_steps():
     kw = dict(bits=4, group_size=128, sym=False, damp=0.01)
     res = tarq_solve(W, st, use_rarebal=False, use_residual=True, splits=[8, 8], **kw)
     pilot = gptq(W, st.H, **kw)
-    D = drift_direction(W, st.H, st.Hdelta, 0.01)
+    D = drift_direction(st.w_hdelta(W), st.H, 0.01)
     alphas = [residual_alpha((pilot.weight - W)[s], D[s], st.H) for s in (slice(0, 8), slice(8, 16))]
     assert res.alphas == pytest.approx(alphas, rel=1e-5)
     E = pilot.weight - W
@@ -129,9 +129,31 @@ def test_full_step_targets_the_least_squares_fix():
     kw = dict(bits=4, group_size=128, sym=False, damp=0.01)
     res = tarq_solve(W, st, use_rarebal=False, use_residual=True, full_step=True, **kw)
     assert res.alphas == [1.0]
-    D = drift_direction(W, st.H, st.Hdelta, 0.01)
+    D = drift_direction(st.w_hdelta(W), st.H, 0.01)
     assert torch.allclose(res.result.weight, gptq(W + D, st.H, **kw).weight, atol=1e-5)
     # the least-squares target brings the quantized outputs closer to the full-precision ones
     plain = tarq_solve(W, st, use_rarebal=False, use_residual=False, **kw)
     err = lambda Q: float(((x @ Q.T - x_fp @ W.T) ** 2).sum())  # noqa: E731
     assert err(res.result.weight) < err(plain.result.weight)
+
+
+def test_drift_by_outputs_matches_drift_by_inputs():
+    """Accumulating W Hdelta from the layer's outputs gives the same correction as Hdelta itself."""
+    g = torch.Generator().manual_seed(5)
+    x_fp = torch.randn(600, 128, generator=g)
+    x = x_fp + 0.2 * torch.randn(600, 128, generator=g)
+    W = torch.randn(16, 128, generator=g)
+    tail = torch.rand(600, generator=g) < 0.1
+    by_in = stats_from(x, tail, x_fp)
+    by_out = LayerStats(128, with_delta=True, delta_rows=16)
+    for part in torch.split(torch.arange(600), 256):  # batches, as the driver adds them
+        by_out.add(x[part], tail[part], dy=x_fp[part] @ W.T - x[part] @ W.T)
+    assert by_out.Hdelta is None
+    assert torch.allclose(by_out.w_hdelta(W), by_in.w_hdelta(W), rtol=1e-4, atol=1e-2)
+    kw = dict(bits=4, group_size=128, sym=False, damp=0.01)
+    a, b = tarq_solve(W, by_in, **kw), tarq_solve(W, by_out, **kw)
+    assert a.alphas == pytest.approx(b.alphas, rel=1e-3, abs=1e-6)
+    with pytest.raises(ValueError, match="dy"):
+        by_out.add(x[:4], None, x_fp[:4])
+    with pytest.raises(ValueError, match="accumulated for W"):
+        by_out.w_hdelta(W[:8])
