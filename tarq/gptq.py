@@ -31,8 +31,13 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 def h_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - Q) H (W - Q)^T): the reconstruction error sum_t |W x_t - Q x_t|^2 this H stands for."""
-    E = (W - Q).float()
-    return float(torch.einsum("ij,jk,ik->", E, H, E))
+    return float(row_energy(W - Q, H).sum())
+
+
+def row_energy(A: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """diag(A H A^T), one value per row: any row block's share of tr(A H A^T) without another product."""
+    A = A.float()
+    return ((A @ H) * A).sum(1)
 
 
 @dataclass
@@ -52,6 +57,13 @@ class Prepared:
     dead: torch.Tensor  # bool [cols]: columns H never saw
     damp: float
     act_order: bool
+    chol: torch.Tensor  # lower Cholesky factor of the damped H (permuted like hinv)
+
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        """(H + delta I)^-1 B for B [cols, k], from the factor already computed."""
+        if self.perm is None:
+            return torch.cholesky_solve(B, self.chol)
+        return torch.cholesky_solve(B[self.perm], self.chol)[torch.argsort(self.perm)]
 
 
 def prepare(H: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> Prepared:
@@ -63,7 +75,7 @@ def prepare(H: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> Pre
         Hd = Hd[perm][:, perm]
     L = torch.linalg.cholesky(Hd)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    return Prepared(hinv, perm, dead, damp, act_order)
+    return Prepared(hinv, perm, dead, damp, act_order, L)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = False,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gptq import GPTQResult, damped, gptq, prepare
+from .gptq import GPTQResult, Prepared, damped, gptq, prepare
 from .quantizer import rtn
 
 
@@ -102,12 +102,15 @@ def rarebal(stats: LayerStats, cost: float = 1.0) -> tuple[torch.Tensor, float]:
     return stats.Hc + lam * stats.Ht, lam
 
 
-def drift_direction(W_Hdelta: torch.Tensor, H: torch.Tensor, damp: float) -> torch.Tensor:
+def drift_direction(W_Hdelta: torch.Tensor, H: torch.Tensor, damp: float,
+                    prepared: Prepared | None = None) -> torch.Tensor:
     """D = W Hdelta (H + delta I)^-1: the least-squares fix W -> W + D that maps the drifted inputs x
-    to the full-precision outputs W x_fp (exact when H is the unweighted sum x x^T and delta is 0)."""
-    Hd = damped(H, damp)
+    to the full-precision outputs W x_fp (exact when H is the unweighted sum x x^T and delta is 0).
+    `prepared` (from `prepare(H, damp)`) reuses its Cholesky factor."""
     # Solve from the right through the symmetric system: D Hd = W Hdelta.
-    return torch.linalg.solve(Hd, W_Hdelta.T).T
+    if prepared is not None:
+        return prepared.solve(W_Hdelta.T).T
+    return torch.linalg.solve(damped(H, damp), W_Hdelta.T).T
 
 
 def h_inner(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> float:
@@ -117,8 +120,11 @@ def h_inner(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> float:
 
 def residual_alpha(E: torch.Tensor, D: torch.Tensor, H: torch.Tensor) -> float:
     """alpha = <E, D>_H / (<D, D>_H + eps), eps relative to the scale of <D, D>_H."""
-    dd = h_inner(D, D, H)
-    return h_inner(E, D, H) / (dd + 1e-8 * abs(dd) + 1e-30)
+    return _step(h_inner(E, D, H), h_inner(D, D, H))
+
+
+def _step(ed: float, dd: float) -> float:
+    return ed / (dd + 1e-8 * abs(dd) + 1e-30)
 
 
 @dataclass
@@ -155,15 +161,18 @@ def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int
     pilot = gptq(W, H, **solve)
     if not use_residual or (stats.Hdelta is None and stats.WHdelta is None):
         return TarqSolve(pilot, lam, None, None, None, H, rtn_weight, pilot.weight)
-    D = drift_direction(stats.w_hdelta(W), H, damp)
+    D = drift_direction(stats.w_hdelta(W), H, damp, solve["prepared"])
     E = pilot.weight - W
+    # per-row inner products in the H metric, from one product with H each; summed per layer below
+    EH, DH = E @ H, D @ H
+    ee_r, dd_r, ed_r = (EH * E).sum(1), (DH * D).sum(1), (EH * D).sum(1)
     alphas, ratios, cosines, target, start = [], [], [], W.clone(), 0
     for rows in splits or [W.shape[0]]:
         part = slice(start, start + rows)
-        ee, dd = h_inner(E[part], E[part], H), h_inner(D[part], D[part], H)
+        ee, dd, ed = float(ee_r[part].sum()), float(dd_r[part].sum()), float(ed_r[part].sum())
         ratios.append((dd / ee) ** 0.5 if ee > 0 else 0.0)
-        cosines.append(h_inner(E[part], D[part], H) / ((ee * dd) ** 0.5) if ee > 0 and dd > 0 else 0.0)
-        alpha = 1.0 if full_step else residual_alpha(E[part], D[part], H)
+        cosines.append(ed / ((ee * dd) ** 0.5) if ee > 0 and dd > 0 else 0.0)
+        alpha = 1.0 if full_step else _step(ed, dd)
         target[part] += alpha * D[part]
         alphas.append(alpha)
         start += rows

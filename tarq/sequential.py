@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .errors import Cancelled
-from .gptq import h_loss
+from .gptq import row_energy
 from .models import whisper
 from .progress import Progress, ProgressFn, StopFn
 from .quantizer import QuantizedWeight, rtn
@@ -208,14 +208,18 @@ class Driver:
             cost=c.lambda_cost, splits=[lin.out_features for lin in lins], full_step=c.residual_step == "full")
         H = solved.H
         seconds = (time.perf_counter() - start) / len(lins)
-        rel = lambda A, B: h_loss(A, B, H) / max(h_loss(A, torch.zeros_like(A), H), 1e-30)  # noqa: E731
+        # relative errors |(W - Q) X|^2 / |W X|^2 in the metric of the solve, row by row so that each
+        # layer of the group and the group as a whole read their share from one product with H each
+        energy = row_energy(W, H)
+        errors = {k: row_energy(W - Q, H) for k, Q in
+                  (("rtn", solved.rtn_weight), ("pilot", solved.pilot_weight), ("final", solved.result.weight))}
+        rel = lambda e, rows: float(e[rows].sum()) / max(float(energy[rows].sum()), 1e-30)  # noqa: E731
         row = 0
         for k, (name, lin) in enumerate(zip(group, lins)):
             rows = slice(row, row + lin.out_features)
             row += lin.out_features
             full = f"{block.prefix}.{name}"
             self.set_weight(full, lin, solved.result.quant.rows(rows.start, rows.stop))
-            Wk = W[rows]
             self.layers.append({
                 "name": full,
                 "lambda": solved.lam,
@@ -225,14 +229,13 @@ class Driver:
                 "tail_share": stats.tail_share,
                 "positions": stats.n_common + stats.n_tail,
                 "tail_positions": stats.n_tail,
-                # relative errors |(W - Q) X|^2 / |W X|^2 in the metric of the solve, before and after
-                "loss_rtn": rel(Wk, solved.rtn_weight[rows]),
-                "loss_pilot": rel(Wk, solved.pilot_weight[rows]),
-                "loss_final": rel(Wk, solved.result.weight[rows]),
+                "loss_rtn": rel(errors["rtn"], rows),
+                "loss_pilot": rel(errors["pilot"], rows),
+                "loss_final": rel(errors["final"], rows),
                 "solved_with": list(group) if len(lins) > 1 else None,
                 "seconds": seconds,
             })
-        return rel(W, solved.result.weight)
+        return rel(errors["final"], slice(None))
 
     def set_weight(self, name: str, lin: nn.Linear, q: QuantizedWeight) -> None:
         self.quantized[name] = q

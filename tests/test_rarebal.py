@@ -157,3 +157,16 @@ def test_drift_by_outputs_matches_drift_by_inputs():
         by_out.add(x[:4], None, x_fp[:4])
     with pytest.raises(ValueError, match="accumulated for W"):
         by_out.w_hdelta(W[:8])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_drift_direction_from_the_prepared_factor(act_order):
+    from tarq.gptq import prepare
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(500, 64, generator=g) * torch.linspace(0.1, 4, 64)
+    H = x.T @ x
+    B = torch.randn(12, 64, generator=g)
+    direct = drift_direction(B, H, 0.01)
+    via = drift_direction(B, H, 0.01, prepare(H, 0.01, act_order))
+    assert torch.allclose(via, direct, rtol=1e-3, atol=1e-4)
