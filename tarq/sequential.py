@@ -211,6 +211,7 @@ class Driver:
         # relative errors |(W - Q) X|^2 / |W X|^2 in the metric of the solve, row by row so that each
         # layer of the group and the group as a whole read their share from one product with H each
         energy = row_energy(W, H)
+        h_rank = float(torch.trace(H)) ** 2 / max(float((H * H).sum()), 1e-30)
         errors = {k: row_energy(W - Q, H) for k, Q in
                   (("rtn", solved.rtn_weight), ("pilot", solved.pilot_weight), ("final", solved.result.weight))}
         rel = lambda e, rows: float(e[rows].sum()) / max(float(energy[rows].sum()), 1e-30)  # noqa: E731
@@ -222,6 +223,8 @@ class Driver:
             self.set_weight(full, lin, solved.result.quant.rows(rows.start, rows.stop))
             self.layers.append({
                 "name": full,
+                "rows": lin.out_features,
+                "columns": lin.in_features,
                 "lambda": solved.lam,
                 "alpha": solved.alphas[k] if solved.alphas else None,
                 "drift_ratio": solved.drift_ratios[k] if solved.drift_ratios else None,
@@ -229,6 +232,9 @@ class Driver:
                 "tail_share": stats.tail_share,
                 "positions": stats.n_common + stats.n_tail,
                 "tail_positions": stats.n_tail,
+                # tr(H)^2 / tr(H^2): how many input directions carry the activations; two unrelated weight
+                # displacements have an H-cosine of about 1 / sqrt(rows * this)
+                "h_effective_rank": h_rank,
                 "loss_rtn": rel(errors["rtn"], rows),
                 "loss_pilot": rel(errors["pilot"], rows),
                 "loss_final": rel(errors["final"], rows),

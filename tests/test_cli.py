@@ -24,12 +24,13 @@ def one_line_error(proc, *needles):
 def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     out = tmp_path / "art"
     proc = tarq("quantize", short_whisper_dir, "--calib", calib_dir, "--out", out, "--method", "tarq",
-                "--num-samples", 4, "--batch-size", 4)
+                "--num-samples", 4, "--batch-size", 4, "--sequential", "layer", "--residual-step", "full")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
     assert "decoder" in proc.stderr  # the progress bar names the stage
     report = json.loads((out / "tarq_report.json").read_text())
     assert report["calibration"]["clips"] == 4
+    assert (report["config"]["sequential"], report["config"]["residual_step"]) == ("layer", "full")
     clip = sorted(calib_dir.glob("*.flac"))[0]
     proc = tarq("transcribe", out, clip, "--format", "json")
     assert proc.returncode == 0, proc.stderr
@@ -48,6 +49,8 @@ def test_errors_are_one_line(tiny_whisper_dir, calib_dir, tmp_path):
     not_model.mkdir()
     one_line_error(tarq("quantize", not_model, "--out", tmp_path / "o", "--method", "rtn"), "no config.json")
     one_line_error(tarq("quantize", tiny_whisper_dir, "--out", tmp_path / "o"), "--calib is required")
+    one_line_error(tarq("quantize", tiny_whisper_dir, "--out", tmp_path / "o", "--sequential", "group"),
+                   "--sequential", "'group' is not one of")
     bad = tmp_path / "bad-calib"
     bad.mkdir()
     (bad / "noise.wav").write_bytes(b"RIFF" + bytes(range(256)) * 4)
