@@ -182,7 +182,7 @@ def job_quantize(model: str, method: str, calib: str, out_dir: str, calib_n: int
     stages = dict(report.get("seconds") or {})
     # the report is written before the save finishes: what the stages leave of the wall time is the save
     stages.setdefault("save", m.seconds - sum(stages.values()))
-    stages["solve (sum over layers)"] = sum(float(x.get("seconds") or 0) for x in report.get("layers", []))
+    stages.update(report.get("quantize_seconds") or {})
     return {"model": Path(model).name, "method": method, "calib_n": calib_n if method != "rtn" else 0,
             "seconds": m.seconds, "peak_rss_mb": m.peak_rss, "rss_start_mb": m.rss_start,
             "peak_cuda_mb": m.peak_cuda, "stages": stages, "artifact": out_dir}
@@ -507,11 +507,18 @@ def report_quant(rows: list[dict]) -> list[str]:
                     ratio(r["seconds"], base and base["seconds"]), f(r["peak_rss_mb"], "{:.0f}"),
                     ratio(r["peak_rss_mb"], base and base["peak_rss_mb"]), f(r["peak_cuda_mb"], "{:.0f}")])
         st = r["stages"]
-        stage_rows.append([r["model"], r["method"]] + [f(st.get(k), "{:.1f}") for k in
-                                                       ("load", "calibrate", "quantize", "solve (sum over layers)", "save")])
+        inner = [st.get(k) for k in ("forward", "statistics", "solve")]
+        other = st["quantize"] - sum(inner) if st.get("quantize") is not None and None not in inner else None
+        stage_rows.append([r["model"], r["method"]] + [f(st.get(k), "{:.1f}") for k in ("load", "calibrate", "quantize")]
+                          + [f(v, "{:.1f}") for v in (*inner, other)]
+                          + [f(st.get("forward") and st["quantize"] / st["forward"]), f(st.get("save"), "{:.1f}")])
     lines += table(["model", "method", "clips", "wall s", "vs GPTQ", "peak RSS MiB", "vs GPTQ", "peak CUDA MiB"], out)
-    lines += ["", "Per stage (seconds, from tarq_report.json; solve = the GPTQ/TARQ solves inside quantize):", ""]
-    lines += table(["model", "method", "load", "calibrate", "quantize", "solve", "save"], stage_rows)
+    lines += ["", "Per stage (seconds, from tarq_report.json). Inside quantize: forward = the block forward passes "
+                  "over the calibration set (GPTQ two per block, TARQ three: its full-precision stream), statistics "
+                  "= Hessians and drift, solve = the GPTQ / TARQ solves; quantize / forward says how close the run "
+                  "is to the cost of its forward passes:", ""]
+    lines += table(["model", "method", "load", "calibrate", "quantize", "forward", "statistics", "solve", "other",
+                    "quantize / forward", "save"], stage_rows)
     return lines
 
 

@@ -56,6 +56,9 @@ def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config:
         if data is not None else None,
         "layers": driver.layers,
         "stream_drift": driver.stream_drift,
+        # inside "quantize": block forward passes, Hessian/drift accumulation, the solves (the rest: the
+        # report's per-layer losses, front ends, bookkeeping)
+        "quantize_seconds": {k: round(v, 3) for k, v in driver.seconds.items()},
         "seconds": timings,
         "device": device,
         "torch": torch.__version__,

@@ -36,6 +36,9 @@ class Driver:
         self.quantized: dict[str, QuantizedWeight] = {}
         self.layers: list[dict] = []
         self.stream_drift: list[dict] = []  # per block, |x - x_fp|^2 / |x_fp|^2 after it (two streams only)
+        self.seconds: dict[str, float] = {}  # forward / statistics / solve / report
+        device = next(model.parameters()).device
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.two_streams = config.method == "tarq" and config.residual
         self.tagged = config.method == "tarq" and config.rarebal
 
@@ -91,7 +94,7 @@ class Driver:
         del x, x_fp
         cross = LayerStats(enc_q[0].shape[-1], enc_q[0].device, with_delta=self.two_streams)
         for j in range(len(batches)):
-            cross.add(enc_q[j], frame_tail[j], enc_fp[j] if enc_fp is not None else None)
+            self.add_stats(cross, enc_q[j], frame_tail[j], enc_fp[j] if enc_fp is not None else None, None)
 
         x, kw_q, kw_fp = [], [], []
         for j, b in enumerate(batches):
@@ -122,6 +125,28 @@ class Driver:
             self.stream_drift.append({"block": block.prefix, "drift": err / max(ref, 1e-30)})
         return rel
 
+    # -- timed steps: where a run's time goes, in tarq_report.json ("quantize_seconds") ----------------
+    @contextmanager
+    def timed(self, step: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync is not None:
+                self.sync()
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
+
+    def forward(self, block, h: torch.Tensor, kw: dict) -> torch.Tensor:
+        with self.timed("forward"):
+            return block.module(h, **_call_args(kw))
+
+    def add_stats(self, st: LayerStats, x, tail, x_fp, dy) -> None:
+        with self.timed("statistics"):
+            if st.WHdelta is not None:
+                st.add(x, tail, dy=dy)
+            else:
+                st.add(x, tail, x_fp)
+
     def drift_by_output(self, block, group: tuple[str, ...]) -> bool:
         """A single layer with at most half as many rows as columns (fc2) tracks drift through its outputs."""
         lin = block.linear(group[0])
@@ -145,19 +170,19 @@ class Driver:
                 cap_fp = None
                 if x_fp is not None:
                     seen.clear()
-                    x_fp[j] = block.module(x_fp[j], **_call_args(kw_fp[j]))
+                    x_fp[j] = self.forward(block, x_fp[j], kw_fp[j])
                     cap_fp = dict(seen)
                 seen.clear()
-                block.module(x[j], **_call_args(kw_q[j]))
+                self.forward(block, x[j], kw_q[j])
                 tail = pick(j, tails[j]) if tails[j] is not None else None
                 for k, st in enumerate(stats):
                     (xin, y), fp = seen[k], (cap_fp[k] if cap_fp is not None else None)
-                    _add(st, pick(j, xin), tail, None if fp is None else pick(j, fp[0]),
+                    self.add_stats(st, pick(j, xin), tail, None if fp is None else pick(j, fp[0]),
                          pick(j, fp[1]) - pick(j, y) if st.WHdelta is not None else None)
         rel = [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
         del stats
         for j in range(len(x)):
-            x[j] = block.module(x[j], **_call_args(kw_q[j]))
+            x[j] = self.forward(block, x[j], kw_q[j])
         return float(sum(rel) / len(rel))
 
     def quantize_block_layerwise(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> float:
@@ -175,7 +200,7 @@ class Driver:
                 for j in range(len(x)):
                     self.check_stop()
                     seen.clear()
-                    x_fp[j] = block.module(x_fp[j], **_call_args(kw_fp[j]))
+                    x_fp[j] = self.forward(block, x_fp[j], kw_fp[j])
                     for k, g in enumerate(groups):
                         fp_io[k][j] = (pick(j, seen[k][0]),
                                        pick(j, seen[k][1]) if self.drift_by_output(block, g) else None)
@@ -185,15 +210,15 @@ class Driver:
             st = self.new_stats(block, group, x[0].device)
             for j in range(len(x)):
                 self.check_stop()
-                xin, y = io_of(first, lambda: block.module(x[j], **_call_args(kw_q[j])))
+                xin, y = io_of(first, lambda: self.forward(block, x[j], kw_q[j]))
                 fp = fp_io[k][j] if fp_io is not None else None
-                _add(st, pick(j, xin), pick(j, tails[j]) if tails[j] is not None else None,
+                self.add_stats(st, pick(j, xin), pick(j, tails[j]) if tails[j] is not None else None,
                      None if fp is None else fp[0], fp[1] - pick(j, y) if st.WHdelta is not None else None)
                 if fp_io is not None:
                     fp_io[k][j] = None
             rel.append(self.solve_group(block, group, st))
         for j in range(len(x)):
-            x[j] = block.module(x[j], **_call_args(kw_q[j]))
+            x[j] = self.forward(block, x[j], kw_q[j])
         return float(sum(rel) / len(rel))
 
     def solve_group(self, block, group: tuple[str, ...], stats: LayerStats) -> float:
@@ -202,10 +227,11 @@ class Driver:
         start = time.perf_counter()
         lins = [block.linear(n) for n in group]
         W = torch.cat([lin.weight.data.float() for lin in lins])
-        solved = tarq_solve(
-            W, stats, bits=c.bits, group_size=c.group_size, sym=c.sym, damp=c.damp, block_size=c.block_size,
-            act_order=c.act_order, use_rarebal=self.tagged, use_residual=self.two_streams,
-            cost=c.lambda_cost, splits=[lin.out_features for lin in lins], full_step=c.residual_step == "full")
+        with self.timed("solve"):
+            solved = tarq_solve(
+                W, stats, bits=c.bits, group_size=c.group_size, sym=c.sym, damp=c.damp, block_size=c.block_size,
+                act_order=c.act_order, use_rarebal=self.tagged, use_residual=self.two_streams,
+                cost=c.lambda_cost, splits=[lin.out_features for lin in lins], full_step=c.residual_step == "full")
         H = solved.H
         seconds = (time.perf_counter() - start) / len(lins)
         # relative errors |(W - Q) X|^2 / |W X|^2 in the metric of the solve, row by row so that each
@@ -258,13 +284,6 @@ def _picker(masks):
     if masks is None:
         return lambda j, t: t.reshape(-1, t.shape[-1]) if t.dim() > 2 else t.reshape(-1)
     return lambda j, t: t[masks[j]]
-
-
-def _add(st: LayerStats, x, tail, x_fp, dy) -> None:
-    if st.WHdelta is not None:
-        st.add(x, tail, dy=dy)
-    else:
-        st.add(x, tail, x_fp)
 
 
 class _Stop(Exception):

@@ -24,6 +24,12 @@ def test_each_method_writes_a_loadable_artifact(method, tiny_whisper_dir, calib_
                          progress=seen.append)
     report = report_of(out)
     assert report["config"]["method"] == method
+    steps = report["quantize_seconds"]
+    if method == "rtn":
+        assert steps == {}
+    else:
+        assert set(steps) == {"forward", "statistics", "solve"} and all(v > 0 for v in steps.values())
+        assert sum(steps.values()) <= report["seconds"]["quantize"]
     model, _ = load_artifact(out)
     names = quantizable_names(model)
     assert len(names) == 2 * 6 + 2 * 10
