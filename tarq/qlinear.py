@@ -91,7 +91,8 @@ class QuantLinear(nn.Module):
     cpu_compute_dtype: torch.dtype | None = torch.bfloat16
     # Above this many input rows the CPU kernel loses to dequantize + dense matmul (measured on a 2-core
     # AVX-512 Xeon: 512x2048 layer, 1500 rows (a Whisper encoder pass) ~2x slower than dequant+fp32 GEMM;
-    # 1-8 rows (decoding) 2-3x faster than dense fp32). None: always use the kernel.
+    # 1-8 rows (decoding) 2-3x faster than dense fp32; on a 2-core AVX2-only EPYC, no bf16 instructions,
+    # 1-8 rows run at 0.6-1.6x the speed of dense fp32). None: always use the kernel.
     cpu_kernel_max_rows: int | None = 128
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, sym: bool,

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,9 +35,62 @@ def _wait_for(predicate, timeout: float, what: str, every: float = 0.2):
         time.sleep(every)
 
 
+class Started:
+    """The processes one test starts. At teardown they stop in dependency order, workers (with their pool:
+    each runs in its own session) before the APIs before Redis, and the tail of every log is printed:
+    pytest shows that output only when the test failed."""
+
+    ORDER = {"worker": 0, "api": 1, "redis": 2}
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.items: list[tuple[str, subprocess.Popen, object]] = []  # (kind, process, its log file)
+
+    def start(self, argv, env, name: str, kind: str = "api") -> subprocess.Popen:
+        proc, log = run_logged(argv, env, self.tmp_path / f"{name}.log", new_session=kind == "worker")
+        self.items.append((kind, proc, log))
+        return proc
+
+    def worker(self, env) -> subprocess.Popen:
+        return self.start(tarq_command("worker", "-c", "1"), env, "worker", kind="worker")
+
+    def api(self, env, port: int, name: str = "api") -> subprocess.Popen:
+        proc = self.start(tarq_command("serve", "--no-worker", "--port", str(port)), env, name)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        return proc
+
+    def redis(self, port: int, folder) -> subprocess.Popen:
+        # The compose file's persistence: AOF, fsync every second.
+        import redis
+
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--dir", str(folder), "--appendonly", "yes", "--appendfsync", "everysec",
+                                 "--save", "", "--daemonize", "no", "--protected-mode", "yes"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.items.append(("redis", proc, None))
+        _wait_for(lambda: _pings(redis.Redis(port=port, socket_connect_timeout=1)), 20, "redis starting")
+        return proc
+
+    def close(self) -> None:
+        for kind, proc, log in sorted(self.items, key=lambda item: self.ORDER[item[0]]):
+            _stop_group(proc) if kind == "worker" else stop(proc)
+            if log is not None:
+                log.close()
+        for _, _, log in self.items:
+            if log is not None:
+                print(f"--- {log.name}\n{tail(Path(log.name))}")
+
+
+@pytest.fixture
+def started(tmp_path):
+    procs = Started(tmp_path)
+    yield procs
+    procs.close()
+
+
 def _stop_group(proc) -> None:
-    """Stop a worker started in its own session (the Celery parent and its pool children)."""
-    if proc is None or proc.poll() is not None:
+    """Stop a process started in its own session (the Celery parent and its pool children)."""
+    if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -46,64 +100,9 @@ def _stop_group(proc) -> None:
         proc.wait()
 
 
-@pytest.mark.slow
-def test_api_restart_while_a_job_runs_keeps_its_state_and_progress(tmp_path, subprocess_env, clips,
-                                                                   clip_transcripts):
-    """SIGKILL `tarq serve --no-worker` while a separate worker quantizes, start it again on the same
-    data dir (SQLite, filesystem broker): the job is still there, its progress never went back, it was
-    never handed to a second attempt, and it finishes."""
-    env = dict(subprocess_env, TARQ_API_KEYS="restart-key", TARQ_STALE_AFTER_SECONDS="20")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    serve = tarq_command("serve", "--no-worker", "--port", str(port))
-    api, api_log = run_logged(serve, env, tmp_path / "api1.log")
-    worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker.log",
-                                    new_session=True)
-    client = httpx.Client(base_url=base, headers={"Authorization": "Bearer restart-key"}, timeout=60)
-    try:
-        wait_http(f"{base}/healthz", api)
-        created = client.post("/v1/quantizations", files=_files(clips, clip_transcripts),
-                               data={"model": "tiny-whisper", "method": "tarq"})
-        assert created.status_code == 202, created.text
-        job_id = created.json()["id"]
-        before = _wait_for(lambda: (j := client.get(f"/v1/quantizations/{job_id}").json())["status"] != "queued"
-                           and j["progress"]["stage"] and j, 180, "the job starting")
-        api.kill()  # no shutdown of any kind
-        api.wait()
-        api_log.close()
-        time.sleep(1.0)
-        api, api_log = run_logged(serve, env, tmp_path / "api2.log")
-        wait_http(f"{base}/healthz", api)
-        after = client.get(f"/v1/quantizations/{job_id}").json()
-        assert after["status"] in ("running", "succeeded"), after
-        assert after["progress"]["fraction"] >= before["progress"]["fraction"]
-        assert after["attempts"] == 1 and after["created_at"] == before["created_at"]
-        assert after["config"] == before["config"] and after["files"] == before["files"]
-        job, _ = follow(client, job_id)
-        assert job["status"] == "succeeded" and job["attempts"] == 1, job
-        assert job["model"] in [m["id"] for m in client.get("/v1/models").json()["data"]]
-    except BaseException:
-        print(tail(tmp_path / "api1.log"), tail(tmp_path / "api2.log") if (tmp_path / "api2.log").exists() else "")
-        print(tail(tmp_path / "worker.log"))
-        raise
-    finally:
-        client.close()
-        _stop_group(worker)
-        stop(api)
-        api_log.close()
-        worker_log.close()
-
-
-def _start_redis(port: int, folder) -> subprocess.Popen:
-    # The compose file's persistence: AOF, fsync every second.
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                             "--daemonize", "no", "--protected-mode", "yes"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    import redis
-
-    _wait_for(lambda: _pings(redis.Redis(port=port, socket_connect_timeout=1)), 20, "redis starting")
-    return proc
+def _client(port: int, key: str) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                        timeout=60)
 
 
 def _pings(client) -> bool:
@@ -116,8 +115,42 @@ def _pings(client) -> bool:
 
 
 @pytest.mark.slow
+def test_api_restart_while_a_job_runs_keeps_its_state_and_progress(started, subprocess_env, clips,
+                                                                   clip_transcripts):
+    """SIGKILL `tarq serve --no-worker` while a separate worker quantizes, start it again on the same
+    data dir (SQLite, filesystem broker): the job is still there, its progress never went back, it was
+    never handed to a second attempt, and it finishes."""
+    env = dict(subprocess_env, TARQ_API_KEYS="restart-key", TARQ_STALE_AFTER_SECONDS="20")
+    port = free_port()
+    api = started.api(env, port, "api1")
+    started.worker(env)
+    with _client(port, "restart-key") as client:
+        created = client.post("/v1/quantizations", files=_files(clips, clip_transcripts),
+                              data={"model": "tiny-whisper", "method": "tarq"})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        def started_job():
+            j = client.get(f"/v1/quantizations/{job_id}").json()
+            return j["status"] != "queued" and j["progress"]["stage"] and j
+
+        before = _wait_for(started_job, 180, "the job starting")
+        api.kill()  # no shutdown of any kind
+        api.wait()
+        time.sleep(1.0)
+        started.api(env, port, "api2")
+        after = client.get(f"/v1/quantizations/{job_id}").json()
+        assert after["status"] in ("running", "succeeded"), after
+        assert after["progress"]["fraction"] >= before["progress"]["fraction"]
+        assert after["attempts"] == 1 and after["created_at"] == before["created_at"]
+        assert after["config"] == before["config"] and after["files"] == before["files"]
+        job, _ = follow(client, job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        assert job["model"] in [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_redis_killed_and_restarted_loses_no_queued_job(tmp_path, subprocess_env, clips, clip_transcripts):
+def test_redis_killed_and_restarted_loses_no_queued_job(started, tmp_path, subprocess_env, clips):
     """Jobs accepted while no worker runs wait in a Redis of our own (AOF everysec, as in
     docker-compose.yml). Redis is SIGKILLed and started again on the same folder: every accepted job is
     still queued and finishes once a worker starts. While Redis is down a submission is refused with 503
@@ -125,20 +158,15 @@ def test_redis_killed_and_restarted_loses_no_queued_job(tmp_path, subprocess_env
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     redis_port = free_port()
-    redis_proc = _start_redis(redis_port, redis_dir)
+    redis_proc = started.redis(redis_port, redis_dir)
     env = dict(subprocess_env, TARQ_API_KEYS="redis-key", TARQ_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0")
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    api, api_log = run_logged(tarq_command("serve", "--no-worker", "--port", str(port)), env, tmp_path / "api.log")
-    worker = worker_log = None
-    client = httpx.Client(base_url=base, headers={"Authorization": "Bearer redis-key"}, timeout=60)
+    started.api(env, port)
+    with _client(port, "redis-key") as client:
+        def submit():
+            return client.post("/v1/quantizations", files=_files(clips[:1], None),
+                               data={"model": "tiny-whisper", "method": "rtn"})
 
-    def submit():
-        return client.post("/v1/quantizations", files=_files(clips[:1], None), data={"model": "tiny-whisper",
-                                                                                    "method": "rtn"})
-
-    try:
-        wait_http(f"{base}/healthz", api)
         accepted = []
         for _ in range(3):
             response = submit()
@@ -157,52 +185,35 @@ def test_redis_killed_and_restarted_loses_no_queued_job(tmp_path, subprocess_env
         assert {listed[i]["status"] for i in accepted} == {"queued"}
         assert [j["status"] for i, j in listed.items() if i not in accepted] == ["failed"]
 
-        redis_proc = _start_redis(redis_port, redis_dir)
+        started.redis(redis_port, redis_dir)
         _wait_for(lambda: client.get("/readyz").status_code == 200, 30, "the API seeing Redis again")
         response = submit()  # the API reconnects by itself
         assert response.status_code == 202, response.text
         accepted.append(response.json()["id"])
 
-        worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker.log",
-                                        new_session=True)
+        started.worker(env)
         for job_id in accepted:
             job, _ = follow(client, job_id, timeout=300)
             assert job["status"] == "succeeded" and job["attempts"] == 1, job
-    except BaseException:
-        print(tail(tmp_path / "api.log"))
-        if (tmp_path / "worker.log").exists():
-            print(tail(tmp_path / "worker.log"))
-        raise
-    finally:
-        client.close()
-        _stop_group(worker)
-        stop(api)
-        api_log.close()
-        if worker_log is not None:
-            worker_log.close()
-        stop(redis_proc)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_redis_killed_while_a_job_runs_the_job_still_ends(tmp_path, subprocess_env, clips, clip_transcripts):
+def test_redis_killed_while_a_job_runs_the_job_still_ends(started, tmp_path, subprocess_env, clips,
+                                                          clip_transcripts):
     """Redis dies (SIGKILL) and comes back while a worker quantizes: the job is never stuck `running`
     and never lost; it ends `succeeded` (on the first attempt, or on a second after the reaper requeues
     it if the worker dropped it when its broker connection broke)."""
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     redis_port = free_port()
-    redis_proc = _start_redis(redis_port, redis_dir)
+    redis_proc = started.redis(redis_port, redis_dir)
     env = dict(subprocess_env, TARQ_API_KEYS="redis-key", TARQ_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
                TARQ_STALE_AFTER_SECONDS="6", TARQ_HEARTBEAT_SECONDS="1")
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    api, api_log = run_logged(tarq_command("serve", "--no-worker", "--port", str(port)), env, tmp_path / "api.log")
-    worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker.log",
-                                    new_session=True)
-    client = httpx.Client(base_url=base, headers={"Authorization": "Bearer redis-key"}, timeout=60)
-    try:
-        wait_http(f"{base}/healthz", api)
+    started.api(env, port)
+    worker = started.worker(env)
+    with _client(port, "redis-key") as client:
         created = client.post("/v1/quantizations", files=_files(clips, clip_transcripts),
                               data={"model": "tiny-whisper", "method": "tarq"})
         assert created.status_code == 202, created.text
@@ -212,25 +223,15 @@ def test_redis_killed_while_a_job_runs_the_job_still_ends(tmp_path, subprocess_e
         redis_proc.kill()
         redis_proc.wait()
         time.sleep(2.0)
-        redis_proc = _start_redis(redis_port, redis_dir)
+        started.redis(redis_port, redis_dir)
         job, _ = follow(client, job_id, timeout=300)
         assert job["status"] == "succeeded" and job["attempts"] in (1, 2), job
         assert worker.poll() is None, "the worker died with its broker"
-    except BaseException:
-        print(tail(tmp_path / "api.log"))
-        print(tail(tmp_path / "worker.log"))
-        raise
-    finally:
-        client.close()
-        _stop_group(worker)
-        stop(api)
-        api_log.close()
-        worker_log.close()
-        stop(redis_proc)
 
 
 @pytest.mark.slow
-def test_out_of_memory_in_a_task_fails_the_job_and_the_worker_lives_on(tmp_path, subprocess_env, model_root):
+def test_out_of_memory_in_a_task_fails_the_job_and_the_worker_lives_on(started, tmp_path, subprocess_env,
+                                                                       model_root):
     """TARQ_WORKER_MEMORY_LIMIT_MB caps each pool process's address space (RLIMIT_AS) at its loaded
     libraries plus 600 MB: an RTN job on a 300 MB model (768 wide) needs more than that and fails with
     "out of memory"; the same worker process then quantizes the tiny model."""
@@ -241,13 +242,9 @@ def test_out_of_memory_in_a_task_fails_the_job_and_the_worker_lives_on(tmp_path,
     env = dict(subprocess_env, TARQ_API_KEYS="oom-key", TARQ_WORKER_MEMORY_LIMIT_MB="600",
                TARQ_MODEL_ROOTS=f"{model_root},{wide_root}")
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    api, api_log = run_logged(tarq_command("serve", "--no-worker", "--port", str(port)), env, tmp_path / "api.log")
-    worker, worker_log = run_logged(tarq_command("worker", "-c", "1"), env, tmp_path / "worker.log",
-                                    new_session=True)
-    client = httpx.Client(base_url=base, headers={"Authorization": "Bearer oom-key"}, timeout=60)
-    try:
-        wait_http(f"{base}/healthz", api)
+    started.api(env, port)
+    worker = started.worker(env)
+    with _client(port, "oom-key") as client:
         big = client.post("/v1/quantizations", data={"model": "wide-whisper", "method": "rtn"})
         assert big.status_code == 202, big.text
         job, _ = follow(client, big.json()["id"], timeout=300)
@@ -260,16 +257,6 @@ def test_out_of_memory_in_a_task_fails_the_job_and_the_worker_lives_on(tmp_path,
         assert worker.poll() is None
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert "memory cap" in log and "WorkerLostError" not in log
-    except BaseException:
-        print(tail(tmp_path / "api.log"))
-        print(tail(tmp_path / "worker.log"))
-        raise
-    finally:
-        client.close()
-        _stop_group(worker)
-        stop(api)
-        api_log.close()
-        worker_log.close()
 
 
 def test_out_of_memory_without_a_memory_error_is_named_so():
