@@ -36,7 +36,7 @@ class Driver:
         self.quantized: dict[str, QuantizedWeight] = {}
         self.layers: list[dict] = []
         self.stream_drift: list[dict] = []  # per block, |x - x_fp|^2 / |x_fp|^2 after it (two streams only)
-        self.seconds: dict[str, float] = {}  # forward / statistics / solve / report
+        self.seconds: dict[str, float] = {}  # forward / statistics / solve
         device = next(model.parameters()).device
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.two_streams = config.method == "tarq" and config.residual
@@ -178,7 +178,7 @@ class Driver:
                 for k, st in enumerate(stats):
                     (xin, y), fp = seen[k], (cap_fp[k] if cap_fp is not None else None)
                     self.add_stats(st, pick(j, xin), tail, None if fp is None else pick(j, fp[0]),
-                         pick(j, fp[1]) - pick(j, y) if st.WHdelta is not None else None)
+                                   pick(j, fp[1]) - pick(j, y) if st.WHdelta is not None else None)
         rel = [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
         del stats
         for j in range(len(x)):
@@ -213,7 +213,7 @@ class Driver:
                 xin, y = io_of(first, lambda: self.forward(block, x[j], kw_q[j]))
                 fp = fp_io[k][j] if fp_io is not None else None
                 self.add_stats(st, pick(j, xin), pick(j, tails[j]) if tails[j] is not None else None,
-                     None if fp is None else fp[0], fp[1] - pick(j, y) if st.WHdelta is not None else None)
+                               None if fp is None else fp[0], fp[1] - pick(j, y) if st.WHdelta is not None else None)
                 if fp_io is not None:
                     fp_io[k][j] = None
             rel.append(self.solve_group(block, group, st))
