@@ -52,11 +52,12 @@ def main() -> None:
     from tarq.hub import pull
     from tarq.pipeline import quantize_model
 
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     model_dir = pull(args.model)
     runs = {}
     for name in args.variants.split(","):
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
         out = quantize_model(model_dir, SPEECH / "ljspeech-385", args.work / f"{args.model}-{name}",
                              QuantConfig(num_samples=args.calib_n, seed=args.seed, **VARIANTS[name]))
         report = json.loads((out / "tarq_report.json").read_text())
