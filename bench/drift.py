@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEECH = ROOT.parent / "shared" / "data" / "speech"
+# the shared speech folder beside the checkout, or wherever TARQ_SPEECH_DIR says (as the tests)
+SPEECH = Path(os.environ.get("TARQ_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))
 RESULTS = ROOT / "bench" / "results"
 
 VARIANTS = {  # name -> QuantConfig overrides (method tarq, transcripts given)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEECH = ROOT.parent / "shared" / "data" / "speech"
+# the shared speech folder beside the checkout, or wherever TARQ_SPEECH_DIR says (as the tests)
+SPEECH = Path(os.environ.get("TARQ_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))
 RESULTS = ROOT / "bench" / "results"
 
 # name -> (method, QuantConfig overrides, calibration with transcripts?)

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEECH = ROOT.parent / "shared" / "data" / "speech"
+# the shared speech folder beside the checkout, or wherever TARQ_SPEECH_DIR says (as the tests)
+SPEECH = Path(os.environ.get("TARQ_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))
 RESULTS = ROOT / "bench" / "results"
 FIXTURE_GENERATION = ROOT / "tests" / "fixtures" / "whisper-processor-en"
 JOB_MARK = "SPEEDJOB "
