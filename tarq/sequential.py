@@ -114,8 +114,12 @@ class Driver:
 
     # -- one block -----------------------------------------------------------------------------
     def quantize_block(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> float:
+        """Solve the block's groups (x_fp advances through the full-precision block on the way), then
+        advance x through the quantized block. Returns the mean relative loss of the groups."""
         solve = self.quantize_block_layerwise if self.config.sequential == "layer" else self.quantize_block_at_once
         rel = solve(block, x, x_fp, kw_q, kw_fp, tails, masks)
+        for j in range(len(x)):
+            x[j] = self.forward(block, x[j], kw_q[j])
         if x_fp is not None:
             # how far the quantized network's hidden states have drifted from the full-precision ones:
             # the quantity the residual correction exists to keep small
@@ -123,7 +127,7 @@ class Driver:
             err = sum(float((pick(j, x[j]) - pick(j, x_fp[j])).float().pow(2).sum()) for j in range(len(x)))
             ref = sum(float(pick(j, x_fp[j]).float().pow(2).sum()) for j in range(len(x)))
             self.stream_drift.append({"block": block.prefix, "drift": err / max(ref, 1e-30)})
-        return rel
+        return float(sum(rel) / len(rel))
 
     # -- timed steps: where a run's time goes, in tarq_report.json ("quantize_seconds") ----------------
     @contextmanager
@@ -157,9 +161,9 @@ class Driver:
         return LayerStats(lin.in_features, device, with_delta=self.two_streams,
                           delta_rows=lin.out_features if self.drift_by_output(block, group) else None)
 
-    def quantize_block_at_once(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> float:
-        """Gather every group's statistics on both streams, solve the groups, then advance the streams:
-        x through the quantized block, x_fp through the full-precision one (computed before solving)."""
+    def quantize_block_at_once(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> list[float]:
+        """Gather every group's statistics on both streams in one pass (x_fp advancing through the
+        full-precision block), then solve the groups."""
         groups = block.groups
         stats = [self.new_stats(block, g, x[0].device) for g in groups]
         pick = _picker(masks)
@@ -179,13 +183,9 @@ class Driver:
                     (xin, y), fp = seen[k], (cap_fp[k] if cap_fp is not None else None)
                     self.add_stats(st, pick(j, xin), tail, None if fp is None else pick(j, fp[0]),
                                    pick(j, fp[1]) - pick(j, y) if st.WHdelta is not None else None)
-        rel = [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
-        del stats
-        for j in range(len(x)):
-            x[j] = self.forward(block, x[j], kw_q[j])
-        return float(sum(rel) / len(rel))
+        return [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
 
-    def quantize_block_layerwise(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> float:
+    def quantize_block_layerwise(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> list[float]:
         """Solve the groups in block order, each on x-stream inputs captured after the groups before it
         were quantized. x_fp runs once through the full-precision block first; its inputs to every group
         (and outputs, where drift is tracked by output) are kept at the selected positions until that
@@ -217,9 +217,7 @@ class Driver:
                 if fp_io is not None:
                     fp_io[k][j] = None
             rel.append(self.solve_group(block, group, st))
-        for j in range(len(x)):
-            x[j] = self.forward(block, x[j], kw_q[j])
-        return float(sum(rel) / len(rel))
+        return rel
 
     def solve_group(self, block, group: tuple[str, ...], stats: LayerStats) -> float:
         """Solve the layers of one group together; record each layer's quantized weight and report row."""
