@@ -47,7 +47,8 @@ class LayerStats:
     def add(self, x: torch.Tensor, tail: torch.Tensor | None = None, x_fp: torch.Tensor | None = None,
             dy: torch.Tensor | None = None) -> None:
         """x, x_fp [positions, columns]; tail [positions] bool (None: all common); dy [positions, rows] the
-        layer's output on x_fp minus its output on x (with `delta_rows`, instead of x_fp)."""
+        layer's output on x_fp minus its output on x. Drift tracked by input needs x_fp, by output
+        (`delta_rows`) dy; the other is ignored."""
         x = x.reshape(-1, self.columns).float()
         if tail is None or not bool(tail.any()):
             # all common (GPTQ, and every encoder position by default): no masked copies of x
@@ -159,7 +160,7 @@ def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int
     W = W.float()
     rtn_weight = rtn(W, bits, group_size, sym).dequantize() if with_rtn else None
     pilot = gptq(W, H, **solve)
-    if not use_residual or (stats.Hdelta is None and stats.WHdelta is None):
+    if not use_residual or not stats.with_delta:
         return TarqSolve(pilot, lam, None, None, None, H, rtn_weight, pilot.weight)
     D = drift_direction(stats.w_hdelta(W), H, damp, solve["prepared"])
     E = pilot.weight - W

@@ -146,10 +146,7 @@ class Driver:
 
     def add_stats(self, st: LayerStats, x, tail, x_fp, dy) -> None:
         with self.timed("statistics"):
-            if st.WHdelta is not None:
-                st.add(x, tail, dy=dy)
-            else:
-                st.add(x, tail, x_fp)
+            st.add(x, tail, x_fp, dy)
 
     def drift_by_output(self, block, group: tuple[str, ...]) -> bool:
         """A single layer with at most half as many rows as columns (fc2) tracks drift through its outputs."""
