@@ -255,6 +255,8 @@ def job_transcribe(source: str, variant: str, files: list[str], device: str = "c
     audios = [load_audio(f) for f in files]
     seconds_audio = sum(len(a) for a in audios) / SAMPLE_RATE
     fp_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    if variant == "bf16":
+        fp_dtype = torch.bfloat16  # the float model cast whole: what bf16 compute alone buys
     saved_max_rows = QuantLinear.cpu_kernel_max_rows
     if variant == "int4-dequant":
         QuantLinear.cpu_kernel_max_rows = 0  # every call takes dequantize + matmul; restored below
@@ -593,8 +595,18 @@ def report_large(rows: list[dict]) -> list[str]:
 def environment(device: str) -> str:
     import torch
 
-    dev = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else \
-        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    from tarq.qlinear import QuantLinear, native_cpu_bf16
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+    else:
+        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        isa = "AMX-BF16" if caps.get("amx_bf16") else "AVX512-BF16" if native_cpu_bf16() else \
+            "AVX-512, no bf16" if caps.get("avx512_f") else "AVX2, no AVX-512" if caps.get("avx2") else "?"
+        dense = QuantLinear.cpu_dense_dtype
+        dev = (f"CPU {caps.get('cpu_name') or platform.processor() or platform.machine()} ({isa}), "
+               f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}; int4 dequant path computes "
+               f"in {str(dense).replace('torch.', '') if dense else 'the input dtype'}")
     try:
         load = ", load average %.1f %.1f %.1f" % os.getloadavg()
     except OSError:
@@ -659,6 +671,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     large=args.device.startswith("cuda"), reps=1 if args.quick else 3)
     if parts & {"quantize", "transcribe"}:
         from tarq.hub import pull
+        from tarq.qlinear import QuantLinear
 
         results["quantize"], results["transcribe"] = [], []
         fp_variant = "fp16" if args.device.startswith("cuda") else "fp32"
@@ -683,6 +696,9 @@ def main(argv: list[str] | None = None) -> dict:
                 variants = [(model_dir, fp_variant, False), (int4 or model_dir, "int4", int4 is None)]
                 if not args.device.startswith("cuda"):
                     variants.append((int4 or model_dir, "int4-dequant", int4 is None))
+                    if QuantLinear.cpu_dense_dtype is not None:
+                        # int4 computes in bf16 on this CPU: show what a float model in bf16 does
+                        variants.append((model_dir, "bf16", False))
                 for source, variant, in_memory in variants:
                     say(f"transcribe {label} {variant} ...")
                     r = run_job("transcribe", args.isolate, args.job_timeout, source=source, variant=variant,

@@ -119,6 +119,7 @@ def test_kernel_zero_mapping_at_grid_edges(monkeypatch):
 
 @pytest.mark.skipif(not HAS_CPU_INT4, reason="torch has no CPU int4 kernel")
 def test_many_rows_switch_to_dequant_unless_forced(monkeypatch):
+    monkeypatch.setattr(QuantLinear, "cpu_dense_dtype", None)
     qw = rtn(torch.randn(64, 256), 4, 128, sym=False)
     layer = QuantLinear.from_quantized(qw)
     x = torch.randn(QuantLinear.cpu_kernel_max_rows + 1, 256)
@@ -128,7 +129,45 @@ def test_many_rows_switch_to_dequant_unless_forced(monkeypatch):
     assert rel(layer(x), ref) < 1e-2 and layer.kernel == "int4pack-cpu"
 
 
-def test_other_bits_and_act_order_use_the_dequant_path():
+def test_many_rows_on_a_bf16_cpu_take_the_bf16_dense_path(monkeypatch):
+    """float32 in, float32 out; the matmul (bias fused) runs in cpu_dense_dtype."""
+    monkeypatch.setattr(QuantLinear, "cpu_dense_dtype", torch.bfloat16)
+    qw = rtn(torch.randn(64, 256), 4, 128, sym=False)
+    layer = QuantLinear.from_quantized(qw, torch.randn(64) * 10)
+    x = torch.randn(2, QuantLinear.cpu_kernel_max_rows, 256)
+    ref = x @ qw.dequantize().T + layer.bias
+    y = layer(x)
+    assert layer.kernel == "dequant-bf16" and y.dtype == torch.float32 and y.shape == (2, 128, 64)
+    assert 1e-5 < rel(y, ref) < 1e-2  # bf16 rounding is there, and only that
+    # bf16 and float16 inputs keep their dtype on the plain path
+    yb = layer(x.bfloat16())
+    assert layer.kernel == "dequant" and yb.dtype == torch.bfloat16 and rel(yb, ref) < 1e-2
+
+
+def test_tarq_cpu_bf16_setting(monkeypatch):
+    from tarq.qlinear import cpu_dense_dtype_from_env, native_cpu_bf16
+
+    monkeypatch.setenv("TARQ_CPU_BF16", "0")
+    assert cpu_dense_dtype_from_env() is None
+    monkeypatch.setenv("TARQ_CPU_BF16", "1")
+    assert cpu_dense_dtype_from_env() is torch.bfloat16
+    monkeypatch.setenv("TARQ_CPU_BF16", "auto")
+    assert (cpu_dense_dtype_from_env() is torch.bfloat16) == native_cpu_bf16()
+    monkeypatch.setenv("TARQ_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="TARQ_CPU_BF16 must be auto, 0 or 1, not 'yes'"):
+        cpu_dense_dtype_from_env()
+
+
+def test_dequantize_matches_the_quantized_weight_exactly():
+    for sym in (True, False):
+        qw = rtn(torch.randn(48, 384), 4, 128, sym=sym)
+        layer = QuantLinear.from_quantized(qw)
+        assert torch.equal(layer.dequantize(torch.float32), qw.dequantize())
+        assert torch.equal(layer.dequantize(torch.bfloat16), qw.dequantize().bfloat16())
+
+
+def test_other_bits_and_act_order_use_the_dequant_path(monkeypatch):
+    monkeypatch.setattr(QuantLinear, "cpu_dense_dtype", None)
     x = torch.randn(5, 256)
     for bits in (3, 8):
         qw = rtn(torch.randn(32, 256), bits, 64, sym=False)
