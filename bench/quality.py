@@ -223,9 +223,17 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="only tabulate results already cached")
     ap.add_argument("--fresh", action="store_true", help="recompute cached results")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="let int4 models run their dequantized (encoder) matmuls in bf16 where the CPU has "
+                         "native bf16, as inference does; off by default so every host scores the "
+                         "quantization alone, in fp32 like the FP baseline")
     args = ap.parse_args()
 
     from tarq.hub import pull
+    from tarq.qlinear import QuantLinear
+
+    if not args.cpu_bf16:
+        QuantLinear.cpu_dense_dtype = None
 
     cache = RESULTS / "quality"
     cache.mkdir(parents=True, exist_ok=True)
@@ -237,7 +245,7 @@ def main() -> None:
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
             key = cache / (f"{model}-{variant}-n{args.calib_n}-s{args.seed}-l{args.eval_limit or 'all'}"
-                           f"-h{args.holdout_limit or 'all'}.json")
+                           f"-h{args.holdout_limit or 'all'}{'-bf16' if args.cpu_bf16 else ''}.json")
             if key.exists() and not args.fresh:
                 rows.append(json.loads(key.read_text()))
                 print(f"  {model} {variant}: cached", flush=True)
@@ -251,6 +259,9 @@ def main() -> None:
             key.write_text(json.dumps(row, indent=1))
             rows.append(row)
             write_report(rows, args)
+    if not rows:
+        raise SystemExit(f"no results for these settings in {cache} (they are cached per calibration size, "
+                         "seed, eval and hold-out limits, e.g. --holdout-limit 100 for the README's runs)")
     write_report(rows, args)
     print((RESULTS / "quality.md").read_text())
 

@@ -112,6 +112,22 @@ def test_tarq_solve_residual_follows_the_paper_steps():
     assert torch.allclose(res.pilot_weight, pilot.weight)
 
 
+def test_no_drift_reuses_the_pilot_for_the_same_result():
+    """x == x_fp: D = 0, alpha = 0, and the final solve is skipped; GPTQ on W itself is what it would give."""
+    from tarq.gptq import gptq
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(600, 128, generator=g)
+    W = torch.randn(8, 128, generator=g)
+    st = stats_from(x, None, x.clone())
+    kw = dict(bits=4, group_size=128, sym=False, damp=0.01)
+    for full_step in (False, True):
+        res = tarq_solve(W, st, use_rarebal=False, use_residual=True, full_step=full_step, **kw)
+        assert res.alphas == ([1.0] if full_step else [0.0])
+        assert torch.equal(res.result.weight, res.pilot_weight)
+        assert torch.equal(res.result.weight, gptq(W, st.H, **kw).weight)
+
+
 def test_stats_need_x_fp_when_tracking_drift():
     st = LayerStats(8, with_delta=True)
     with pytest.raises(ValueError, match="x_fp"):
