@@ -242,8 +242,10 @@ def job_transcribe(source: str, variant: str, files: list[str], device: str = "c
                    batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int | None = None,
                    rtn_in_memory: bool = False) -> dict:
     """Real-time factor and peak memory of tarq.transcribe.transcribe_batch (greedy, English, no
-    timestamps) on `files`. variant: "fp32"/"fp16" (a float model folder) or "int4" / "int4-dequant"
-    (a tarq artifact; -dequant forces the dequantize+matmul path on CPU to show the kernel's share).
+    timestamps) on `files`. variant: "fp32"/"fp16"/"bf16" (a float model folder, cast to that dtype) or
+    "int4" / "int4-dequant" / "int4-bf16" (a tarq artifact; -dequant forces the dequantize+matmul path on
+    CPU to show the kernel's share; -bf16 casts the rest of the model (attention, norms, embeddings,
+    scales) to bf16).
     `max_new_tokens` caps decoding (random-weight test models never say EOS); None keeps the model's.
     `rtn_in_memory`: `source` is a float model folder, quantized here by RTN (int4 speed does not depend
     on how the codes were found; this needs no calibration, artifact or wordfreq)."""
@@ -290,6 +292,8 @@ def _transcribe(source, variant, audios, seconds_audio, fp_dtype, device, batch_
 
             model, processor = load_whisper(source, device=device)
             model = model.to(fp_dtype)
+        if variant == "int4-bf16":
+            model = model.to(torch.bfloat16)  # everything outside the int4 layers in bf16 too
         model.eval()
     if max_new_tokens is not None:
         model.generation_config.max_new_tokens = max_new_tokens
@@ -526,20 +530,25 @@ def report_quant(rows: list[dict]) -> list[str]:
 
 
 def report_transcribe(rows: list[dict]) -> list[str]:
-    lines = ["### Transcription (greedy, English, no timestamps; the same clips for every variant)", ""]
+    lines = ["### Transcription (greedy, English, no timestamps; the same clips for every variant)", "",
+             "texts = float's: clips whose text (from the last batch size) is the float baseline's, word for word.",
+             ""]
     out, sizes = [], []
     for r in rows:
         if "error" in r:
-            out.append([Path(r.get("source", "?")).name, r.get("variant", "?"), "failed: " + r["error"]] + ["-"] * 6)
+            out.append([Path(r.get("source", "?")).name, r.get("variant", "?"), "failed: " + r["error"]] + ["-"] * 7)
             continue
         base = next((b for b in rows if b.get("model") and b.get("device") == r["device"] and "error" not in b
                      and b["variant"] in ("fp32", "fp16") and b["model"] == r.get("base_model", r["model"])), None)
+        same = "-"
+        if base and base.get("texts") and r.get("texts"):
+            same = f"{sum(a == b for a, b in zip(r['texts'], base['texts']))} / {len(base['texts'])}"
         for bs, run in r["runs"].items():
             brun = base["runs"].get(bs) if base else None
             out.append([r.get("base_model", r["model"]), r["variant"], bs, f"{r['clips']} / {r['audio_seconds']:.0f} s",
                         f(run["rtf"], "{:.3f}"), ratio(brun and brun["seconds"], run["seconds"]),
                         f(1000 * run["seconds"] / max(run["tokens"], 1), "{:.0f}"),
-                        f(run["peak_rss_mb"], "{:.0f}"), f(run["peak_cuda_mb"], "{:.0f}"),
+                        f(run["peak_rss_mb"], "{:.0f}"), f(run["peak_cuda_mb"], "{:.0f}"), same,
                         ", ".join(f"{k}: {v}" for k, v in sorted(run["kernels"].items())) or "-"])
         if "int4_linear_bytes" in r:
             sizes.append([r.get("base_model", r["model"]), r["variant"],
@@ -550,7 +559,7 @@ def report_transcribe(rows: list[dict]) -> list[str]:
                           ratio(r["model_bytes"], base and base["model_bytes"]),
                           f(r["kernel_cache_bytes"] / 2**20, "{:.1f}")])
     lines += table(["model", "variant", "batch", "clips / audio", "RTF", "speed-up vs float", "ms / output token",
-                    "peak RSS MiB", "peak CUDA MiB", "QuantLinear calls by kernel"], out)
+                    "peak RSS MiB", "peak CUDA MiB", "texts = float's", "QuantLinear calls by kernel"], out)
     if sizes:
         lines += ["", "Weight memory (MiB): quantized Linear layers as stored vs the same layers in float; whole "
                       "model (parameters + buffers, embeddings stay float); kernel layouts built at run time:", ""]
@@ -697,8 +706,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if not args.device.startswith("cuda"):
                     variants.append((int4 or model_dir, "int4-dequant", int4 is None))
                     if QuantLinear.cpu_dense_dtype is not None:
-                        # int4 computes in bf16 on this CPU: show what a float model in bf16 does
-                        variants.append((model_dir, "bf16", False))
+                        # int4 computes in bf16 on this CPU: show what a float model in bf16 does, and
+                        # the int4 model with the rest of the network in bf16 as well
+                        variants += [(model_dir, "bf16", False), (int4 or model_dir, "int4-bf16", int4 is None)]
                 for source, variant, in_memory in variants:
                     say(f"transcribe {label} {variant} ...")
                     r = run_job("transcribe", args.isolate, args.job_timeout, source=source, variant=variant,
