@@ -102,6 +102,7 @@ def evaluate(
     zipf_threshold: float = 3.0,
     limit: int | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
     loaded: tuple[Any, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
@@ -118,7 +119,7 @@ def evaluate(
             raise AudioError(f"{data_dir / name}: listed in {TRANSCRIPTS} but not found")
 
     t0 = time.perf_counter()
-    model, processor = loaded if loaded is not None else load(source, device=device)
+    model, processor = loaded if loaded is not None else load(source, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -31,20 +31,40 @@ FRAMES_PER_SECOND = 100  # mel frames; OpenAI's `seek` is counted in them
 # Loading and caching
 
 
-def load(source: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def compute_dtype(name: str, device: str) -> torch.dtype:
+    """The dtype a model runs in. "auto": float16 on CUDA, bfloat16 on CPUs that multiply bf16 natively
+    (AVX512-BF16 / AMX: whisper-base transcribes ~2x faster than in float32 there, bench/speed.py),
+    float32 on other CPUs (where bf16 is emulated and slower)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}")
+    if name != "auto":
+        return getattr(torch, name)
+    if str(device).startswith("cuda"):
+        return torch.float16
+    from tarq.qlinear import native_cpu_bf16
+
+    return torch.bfloat16 if native_cpu_bf16() else torch.float32
+
+
+def load(source: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
     """(model, processor) for a model folder, a cached short name (whisper-tiny.en), a Hub id or a
-    tarq artifact, in eval mode. tarq.models.loader does the safety checks (safetensors only, no
-    remote code) and raises ModelError."""
+    tarq artifact, in eval mode, computing in `dtype` (see compute_dtype; an artifact's int4 layers keep
+    their codes and run their kernels, the rest of the model is cast). tarq.models.loader does the
+    safety checks (safetensors only, no remote code) and raises ModelError."""
     from tarq.models.loader import load_whisper
 
-    model, processor = load_whisper(source, device=device)
+    model, processor = load_whisper(source, device=device, dtype=compute_dtype(dtype, device))
     model.eval()
     return model, processor
 
 
 class ModelCache:
-    """Keeps the `max_models` most recently used (model, processor) pairs, keyed by (source, device).
-    A transcription worker serves many requests for a few models; loading costs seconds each time."""
+    """Keeps the `max_models` most recently used (model, processor) pairs, keyed by (source, device,
+    dtype). A transcription worker serves many requests for a few models; loading costs seconds each
+    time."""
 
     def __init__(self, max_models: int = 2, loader=load):
         if max_models < 1:
@@ -54,21 +74,23 @@ class ModelCache:
         self._models: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, source: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-        key = (str(source), device)
+    def get(self, source: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+        key = (str(source), device, dtype)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
             # Load under the lock: two threads asking for the same model must not load it twice.
-            loaded = self._loader(source, device=device)
+            loaded = self._loader(source, device=device, dtype=dtype)
             self._models[key] = loaded
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
             return loaded
 
-    def __contains__(self, key: tuple[str, str]) -> bool:
-        return (str(key[0]), key[1]) in self._models
+    def __contains__(self, key: tuple[str, ...]) -> bool:
+        """(source, device) or (source, device, dtype); dtype defaults to float32 as in get()."""
+        source, device, dtype = (*key, "float32")[:3]
+        return (str(source), device, dtype) in self._models
 
     def __len__(self) -> int:
         return len(self._models)

@@ -35,6 +35,9 @@ def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     proc = tarq("transcribe", out, clip, "--format", "json")
     assert proc.returncode == 0, proc.stderr
     assert "text" in json.loads(proc.stdout)
+    proc = tarq("transcribe", out, clip, "--format", "json", "--dtype", "bfloat16")  # int4 + bf16 elsewhere
+    assert proc.returncode == 0, proc.stderr
+    assert "text" in json.loads(proc.stdout)
 
 
 def test_quantize_rtn_needs_no_calibration(tiny_whisper_dir, tmp_path):
@@ -64,6 +67,7 @@ def test_errors_are_one_line(tiny_whisper_dir, calib_dir, tmp_path):
     fake = tmp_path / "fake.mp3"
     fake.write_bytes(b"\x00" * 100)
     one_line_error(tarq("transcribe", tiny_whisper_dir, fake), "fake.mp3")
+    one_line_error(tarq("transcribe", tiny_whisper_dir, fake, "--dtype", "int8"), "--dtype", "'int8' is not one of")
 
 
 def test_eval_writes_json(short_whisper_dir, calib_dir, tmp_path):

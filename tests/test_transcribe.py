@@ -120,6 +120,33 @@ def test_bad_audio(tiny):
         transcribe_batch(model, processor, [np.zeros((2, 100), dtype=np.float32)])
 
 
+def test_compute_dtype():
+    import torch
+
+    from tarq.qlinear import native_cpu_bf16
+    from tarq.transcribe import compute_dtype
+
+    assert compute_dtype("float32", "cpu") is torch.float32 and compute_dtype("bfloat16", "cuda") is torch.bfloat16
+    assert compute_dtype("auto", "cuda:1") is torch.float16
+    assert compute_dtype("auto", "cpu") is (torch.bfloat16 if native_cpu_bf16() else torch.float32)
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, auto, not 'int8'"):
+        compute_dtype("int8", "cpu")
+
+
+def test_bf16_model_transcribes(short_whisper_dir, tiny):
+    """A bf16 load computes in bf16 throughout and still decodes (random weights have no text worth
+    comparing, so: dtypes, and well-formed results from both entry points)."""
+    import torch
+
+    model, processor = load(short_whisper_dir, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    t = transcribe(model, processor, noise(3.0, seed=2))
+    assert isinstance(t, Transcript) and t.duration == 3.0 and all(s.avg_logprob <= 0.0 for s in t.segments)
+    texts = transcribe_batch(model, processor, [noise(2.0), noise(3.0, seed=1)], batch_size=2)
+    assert len(texts) == 2 and all(isinstance(x, str) for x in texts)
+    assert next(tiny[0].parameters()).dtype == torch.float32  # float32 stays the default
+
+
 def test_load_refuses_non_model(tmp_path):
     with pytest.raises(ModelError):
         load(tmp_path)
@@ -128,19 +155,21 @@ def test_load_refuses_non_model(tmp_path):
 def test_model_cache_is_lru():
     calls = []
 
-    def loader(source, device="cpu"):
-        calls.append((source, device))
+    def loader(source, device="cpu", dtype="float32"):
+        calls.append((source, device, dtype))
         return object(), object()
 
     cache = ModelCache(max_models=2, loader=loader)
     a = cache.get("a")
-    assert cache.get("a") is a and calls == [("a", "cpu")]
+    assert cache.get("a") is a and calls == [("a", "cpu", "float32")]
     cache.get("b")
     cache.get("a")  # a is now the most recent
     cache.get("c")  # evicts b
     assert ("a", "cpu") in cache and ("b", "cpu") not in cache and len(cache) == 2
     cache.get("a", "cuda")  # the device is part of the key
-    assert calls[-1] == ("a", "cuda")
+    assert calls[-1] == ("a", "cuda", "float32")
+    cache.get("a", "cuda", "float16")  # and so is the dtype
+    assert calls[-1] == ("a", "cuda", "float16") and ("a", "cuda", "float16") in cache
     with pytest.raises(ValueError):
         ModelCache(max_models=0)
 

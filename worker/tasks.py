@@ -207,7 +207,7 @@ def transcribe(self, payload: dict) -> dict:
             source = storage().local_dir(f"artifacts/{model['artifact']}")
         else:
             source = model["source"]
-        loaded, processor = _cache.get(str(source), device())
+        loaded, processor = _cache.get(str(source), device(), settings.dtype)
         audio = load_audio(storage().get_bytes(payload["audio_key"]), name=payload.get("name"),
                            max_seconds=settings.max_audio_seconds)
         transcript = run(loaded, processor, audio, language=payload.get("language"), prompt=payload.get("prompt"),

@@ -63,7 +63,8 @@ def resolve(source: str | Path) -> Path:
 
 
 def load_whisper(source: str | Path, device: str = "cpu", dtype=None):
-    """(model, processor) in eval mode. Artifact folders load through tarq.artifact."""
+    """(model, processor) in eval mode, in `dtype` (float models: float32 when None; artifacts: as
+    stored when None). Artifact folders load through tarq.artifact."""
     import torch
     from safetensors import SafetensorError
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -72,7 +73,9 @@ def load_whisper(source: str | Path, device: str = "cpu", dtype=None):
 
     path = resolve(source)
     if is_artifact(path):
-        return load_artifact(path, device=device)
+        model, processor = load_artifact(path, device=device)
+        # the int4 layers keep their codes; their scales and everything else follow the dtype
+        return (model if dtype is None else model.to(dtype)), processor
     check_folder(path)
     try:
         model = WhisperForConditionalGeneration.from_pretrained(

@@ -424,3 +424,17 @@ def test_other_sample_rates_and_multichannel_are_accepted(client, rate, channels
     r = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "gptq"},
                     files=[("files", (f"tone-{rate}-{channels}.wav", _wav(1.5, rate, channels), "audio/wav"))])
     assert r.status_code == 202, r.text
+
+
+def test_transcription_dtype_setting_is_checked(monkeypatch, tmp_path):
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    monkeypatch.setenv("TARQ_DTYPE", "int8")
+    with pytest.raises(ValidationError, match="dtype"):
+        Settings(data_dir=tmp_path)
+    monkeypatch.setenv("TARQ_DTYPE", "auto")
+    assert Settings(data_dir=tmp_path).dtype == "auto"
+    monkeypatch.delenv("TARQ_DTYPE")
+    assert Settings(data_dir=tmp_path).dtype == "float32"
