@@ -40,6 +40,7 @@ LARGE_V3 = dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_atte
 # GPTQ problems as the driver hands them to the solver: W [rows, cols] (rows of layers sharing an input
 # stacked). whisper-tiny (d 384): q/k/v stacked and fc2; whisper-large-v3 (d 1280): every kind of group.
 SOLVER_SHAPES_TINY = {"tiny qkv [1152x384]": (1152, 384), "tiny fc2 [384x1536]": (384, 1536)}
+KERNEL_SHAPES_BASE = {"attn [512x512]": (512, 512), "fc1 [2048x512]": (2048, 512), "fc2 [512x2048]": (512, 2048)}
 SOLVER_SHAPES_LARGE = {  # name: (rows, cols, groups of this shape in one large-v3 pass)
     "large qkv [3840x1280]": (3840, 1280, 64), "large attn out / cross q,out [1280x1280]": (1280, 1280, 96),
     "large cross kv [2560x1280]": (2560, 1280, 32), "large fc1 [5120x1280]": (5120, 1280, 64),
@@ -167,6 +168,43 @@ def job_solver(device: str = "cpu", large: bool = False, reps: int = 3, position
         out["large_pass_textbook_s"] = sum(r["textbook_s"] * r["count"] for r in rows_out if r["count"])
         out["large_pass_tarq_s"] = sum(r["tarq_s"] * r["count"] for r in rows_out if r["count"])
     return out
+
+
+def job_kernels(device: str = "cpu", rows: tuple[int, ...] = (1, 8, 128, 1500), reps: int = 5) -> dict:
+    """One QuantLinear (whisper-base shapes, RTN W4G128, bias) against the float Linear it replaces, per
+    path: the int4 kernel, dequantize + matmul in the input dtype, in bf16 (CPU), and the default
+    dispatch; also dequantize() alone. rows = positions per call (1-8: decoding, 1500: one encoder clip)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tarq.qlinear import QuantLinear
+    from tarq.quantizer import rtn
+
+    fp = torch.float16 if device.startswith("cuda") else torch.float32
+    saved = QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype
+    paths = {"default": saved}
+    if not device.startswith("cuda"):  # the CPU dispatch knobs; CUDA always takes tinygemm
+        paths.update({"kernel": (None, saved[1]), "dequant": (0, None), "dequant-bf16": (0, torch.bfloat16)})
+    out = []
+    g = torch.Generator().manual_seed(0)
+    try:
+        for name, (n, k) in KERNEL_SHAPES_BASE.items():
+            W, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+            layer = QuantLinear.from_quantized(rtn(W, 4, 128, False), b).to(device)
+            W, b = W.to(device, fp), b.to(device, fp)
+            dq = timed(lambda: layer.dequantize(torch.float32), device, reps)
+            for m in rows:
+                x = torch.randn(m, k, generator=g).to(device, fp)
+                row = {"shape": name, "rows": m, "dequantize_s": dq,
+                       "float_s": timed(lambda: F.linear(x, W, b), device, reps), "paths": {}}
+                with torch.no_grad():
+                    for path, (max_rows, dense) in paths.items():
+                        QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype = max_rows, dense
+                        row["paths"][path] = {"seconds": timed(lambda: layer(x), device, reps), "kernel": layer.kernel}
+                out.append(row)
+    finally:
+        QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype = saved
+    return {"device": device, "float_dtype": str(fp).replace("torch.", ""), "layers": out}
 
 
 def job_quantize(model: str, method: str, calib: str, out_dir: str, calib_n: int, device: str = "cpu",
@@ -443,7 +481,7 @@ def _time_generate(model, variant: str, tokens: int, batch_sizes, reps: int, dev
     return {"runs": rows, "kernels": counts, "compiled": hasattr(model, "_compiled_call")}
 
 
-JOBS = {"solver": job_solver, "quantize": job_quantize, "transcribe": job_transcribe,
+JOBS = {"solver": job_solver, "kernels": job_kernels, "quantize": job_quantize, "transcribe": job_transcribe,
         "random_large": job_random_large}
 
 
@@ -498,6 +536,24 @@ def report_solver(res: dict) -> list[str]:
         lines += ["", f"One GPTQ pass over all whisper-large-v3 Linear groups (sum of the large rows times their "
                       f"count): textbook {res['large_pass_textbook_s']:.1f} s, tarq.gptq {res['large_pass_tarq_s']:.1f} s "
                       "(TARQ needs two passes per layer)."]
+    return lines
+
+
+def report_kernels(res: dict) -> list[str]:
+    if "error" in res:
+        return [f"QuantLinear kernel benchmark failed: {res['error']}"]
+    paths = list(res["layers"][0]["paths"]) if res["layers"] else []
+    lines = [f"### One quantized layer per path ({res['device']}; whisper-base shapes, W4G128 + bias; "
+             f"speed-up against the {res['float_dtype']} Linear it replaces)", ""]
+    lines += table(["layer [out x in]", "rows", f"{res['float_dtype']} Linear ms", "dequantize() ms"]
+                   + [f"{p} ms (speed-up)" for p in paths] + ["default takes"],
+                   [[r["shape"], str(r["rows"]), f(1000 * r["float_s"], "{:.3f}"), f(1000 * r["dequantize_s"], "{:.2f}")]
+                    + [f"{1000 * r['paths'][p]['seconds']:.3f} ({r['float_s'] / r['paths'][p]['seconds']:.2f}x)"
+                       for p in paths] + [r["paths"]["default"]["kernel"]]
+                    for r in res["layers"]])
+    lines += ["", "kernel: the int4 kernel at any row count; dequant: dequantize + matmul in the input dtype; "
+                  "dequant-bf16: the same in bf16; default: what QuantLinear picks (the int4 kernel up to "
+                  "`cpu_kernel_max_rows` rows, then dequantize + matmul, in bf16 where the CPU has native bf16)."]
     return lines
 
 
@@ -639,7 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parts", default="solver,quantize,transcribe",
-                    help="comma list of solver, quantize, transcribe, large")
+                    help="comma list of solver, kernels (one QuantLinear per path), quantize, transcribe, large")
     ap.add_argument("--random-large", action="store_true", help="add the large-v3-shaped random-weight benchmark")
     ap.add_argument("--compiled", action="store_true", help="with --random-large: also static cache + torch.compile")
     ap.add_argument("--large-variants", default=None, help="comma list of eager, compiled (overrides --compiled)")
@@ -674,6 +730,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "environment": environment(args.device)}
     say = lambda msg: print(msg, flush=True)  # noqa: E731
 
+    if "kernels" in parts:
+        say("QuantLinear kernels ...")
+        results["kernels"] = run_job("kernels", args.isolate, args.job_timeout, device=args.device,
+                                     reps=2 if args.quick else 5)
     if "solver" in parts:
         say("solver micro-benchmark ...")
         results["solver"] = run_job("solver", args.isolate, args.job_timeout, device=args.device,
@@ -751,6 +811,8 @@ def write_report(results: dict, out: Path) -> None:
              "busy machine."]
     if "solver" in results:
         lines += [""] + report_solver(results["solver"])
+    if "kernels" in results:
+        lines += [""] + report_kernels(results["kernels"])
     if results.get("quantize"):
         lines += [""] + report_quant(results["quantize"])
     if results.get("transcribe"):

@@ -43,6 +43,21 @@ def test_solver_job_in_its_own_process(speed):
     assert "GPTQ solve" in "\n".join(speed.report_solver(res))
 
 
+def test_kernels_job_times_every_cpu_path(speed):
+    saved = QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype
+    res = speed.job_kernels(rows=(1, 200), reps=1)
+    assert (QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype) == saved  # knobs restored
+    assert len(res["layers"]) == 2 * len(speed.KERNEL_SHAPES_BASE)
+    for row in res["layers"]:
+        taken = {p: v["kernel"] for p, v in row["paths"].items()}
+        assert taken["kernel"] == "int4pack-cpu" and taken["dequant"] == "dequant"
+        assert taken["dequant-bf16"] == "dequant-bf16"
+        assert taken["default"] == ("int4pack-cpu" if row["rows"] == 1 else
+                                    "dequant-bf16" if saved[1] is not None else "dequant")
+        assert row["float_s"] > 0 and row["dequantize_s"] > 0 and all(v["seconds"] > 0 for v in row["paths"].values())
+    assert "One quantized layer per path" in "\n".join(speed.report_kernels(res))
+
+
 def test_quantize_and_transcribe_jobs(speed, tiny_whisper_dir, calib_dir, tmp_path):
     quant = [speed.job_quantize(str(tiny_whisper_dir), method, str(calib_dir), str(tmp_path / method), calib_n=2,
                                 batch_size=2) for method in ("rtn", "gptq")]
