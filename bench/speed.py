@@ -40,12 +40,13 @@ LARGE_V3 = dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_atte
 # GPTQ problems as the driver hands them to the solver: W [rows, cols] (rows of layers sharing an input
 # stacked). whisper-tiny (d 384): q/k/v stacked and fc2; whisper-large-v3 (d 1280): every kind of group.
 SOLVER_SHAPES_TINY = {"tiny qkv [1152x384]": (1152, 384), "tiny fc2 [384x1536]": (384, 1536)}
-KERNEL_SHAPES_BASE = {"attn [512x512]": (512, 512), "fc1 [2048x512]": (2048, 512), "fc2 [512x2048]": (512, 2048)}
 SOLVER_SHAPES_LARGE = {  # name: (rows, cols, groups of this shape in one large-v3 pass)
     "large qkv [3840x1280]": (3840, 1280, 64), "large attn out / cross q,out [1280x1280]": (1280, 1280, 96),
     "large cross kv [2560x1280]": (2560, 1280, 32), "large fc1 [5120x1280]": (5120, 1280, 64),
     "large fc2 [1280x5120]": (1280, 5120, 64),
 }
+# Linear layers of whisper-base (d 512) as QuantLinear runs them: [out x in]
+KERNEL_SHAPES_BASE = {"attn [512x512]": (512, 512), "fc1 [2048x512]": (2048, 512), "fc2 [512x2048]": (512, 2048)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,15 +109,15 @@ class QuantLinear(nn.Module):
 
     # Dtype the CPU int4 kernel computes in (see the module docstring); None keeps the input dtype.
     cpu_compute_dtype: torch.dtype | None = torch.bfloat16
-    # Above this many input rows the CPU kernel loses to dequantize + dense matmul (measured on a 2-core
-    # AVX-512 Xeon: 512x2048 layer, 1500 rows (a Whisper encoder pass) ~2x slower than dequant+fp32 GEMM;
-    # 1-8 rows (decoding) 2-3x faster than dense fp32; on a 2-core AVX2-only EPYC, no bf16 instructions,
-    # 1-8 rows run at 0.6-1.6x the speed of dense fp32). None: always use the kernel.
+    # Above this many input rows the CPU kernel loses to dequantize + dense matmul (at 1500 rows, a Whisper
+    # encoder pass, it runs at ~0.4x the fp32 matmul; at 1-8 rows, decoding, 0.4-1.1x on a 2-core AMX
+    # Xeon (bench/results/kernels.md), 0.6-1.6x on a 2-core AVX2 EPYC, 2-3x on an AVX-512 Xeon without
+    # AMX). None: always use the kernel.
     cpu_kernel_max_rows: int | None = 128
     # Dtype of the dequantize + matmul path for float32 inputs on CPU: bf16 where the CPU multiplies bf16
-    # natively (AVX512-BF16 / AMX: a 1500x2048x512 encoder matmul runs 2-3.5x faster than fp32 on a
-    # 2-core Sapphire Rapids), float32 elsewhere (bf16 is emulated there and slower). None: the input dtype.
-    # TARQ_CPU_BF16 overrides the choice (cpu_dense_dtype_from_env).
+    # natively (AVX512-BF16 / AMX: 2.0-2.2x the fp32 matmul at 1500 rows, kernels.md), float32 elsewhere
+    # (bf16 is emulated there and slower). None: the input dtype. TARQ_CPU_BF16 overrides the choice
+    # (cpu_dense_dtype_from_env).
     cpu_dense_dtype: torch.dtype | None = cpu_dense_dtype_from_env()
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, sym: bool,
@@ -202,9 +202,9 @@ class QuantLinear(nn.Module):
         """Float weight [out, in], computed in float32 exactly as QuantizedWeight.dequantize, then cast."""
         if self.weight_g_idx is not None:
             return self.to_quantized().dequantize().to(dtype or self.weight_scale.dtype)
-        # contiguous groups: broadcast over a [out, groups, group_size] view instead of gathering per column
-        # In place on one float32 buffer: the broadcasting out-of-place form took ~7x longer (5.7 vs
-        # 0.8 ms for a 512x2048 layer), and the encoder dequantizes on every call.
+        # contiguous groups: a [out, groups, group_size] view instead of gathering per column, updated in
+        # place on one float32 buffer (the out-of-place broadcasting form was several times slower, and
+        # the encoder dequantizes on every call)
         groups = self.in_features // self.group_size
         w = self.codes().view(self.out_features, groups, self.group_size).to(torch.float32)
         w.sub_(self.zeros().float()[..., None]).mul_(self.weight_scale.float()[..., None])

@@ -71,7 +71,7 @@ class ModelCache:
             raise ValueError("max_models must be at least 1")
         self.max_models = max_models
         self._loader = loader
-        self._models: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
+        self._models: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, source: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
