@@ -27,6 +27,13 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+# tarq.transcribe.DTYPES, spelled out here: importing it would load torch for `tarq --help`
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32", show_default=True,
+    help="Compute dtype. auto: float16 on CUDA, bfloat16 on CPUs with native bf16 matmuls (about 2x faster "
+    "there), else float32.")
+
+
 @click.command()
 @click.argument("model")
 @click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -37,9 +44,7 @@ def _quiet_transformers() -> None:
 @click.option("--temperature", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
 @click.option("--word-timestamps", is_flag=True, help="Add word timings (verbose_json shows them).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
-              show_default=True, help="Compute dtype. auto: float16 on CUDA, bfloat16 on CPUs with native "
-              "bf16 matmuls (about 2x faster there), else float32.")
+@dtype_option
 def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps, device, dtype):
     """Transcribe AUDIO files with MODEL (a model folder, Hub id, cached name or tarq artifact).
 
@@ -85,9 +90,7 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
 @click.option("--zipf-threshold", type=float, default=3.0, show_default=True,
               help="Rare = Zipf frequency below this.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
-              show_default=True, help="Compute dtype. auto: float16 on CUDA, bfloat16 on CPUs with native "
-              "bf16 matmuls (about 2x faster there), else float32.")
+@dtype_option
 def eval_command(model, data_dir, json_out, batch_size, limit, zipf_threshold, device, dtype):
     """WER, rare-WER and common-WER of MODEL on --data (greedy, English, normalized text)."""
     from tqdm import tqdm
