@@ -12,10 +12,11 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tarq.config import ComputeDtype
 
 QUEUES = ("quantize", "transcribe")
 
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # worker device: auto (cuda if present), cpu, cuda, cuda:1 ...
     # transcription compute dtype (tarq.transcribe.compute_dtype); auto: float16 on CUDA, bfloat16 on
     # CPUs with native bf16 matmuls, float32 elsewhere
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    dtype: ComputeDtype = "float32"
     # Cap on the address space (RLIMIT_AS) each worker pool process may add once its libraries are
     # loaded: a task that needs more fails with "out of memory" and the process lives on. 0: no cap.
     # For CPU workers: CUDA reserves far more address space than it uses, so leave it 0 on GPU hosts.

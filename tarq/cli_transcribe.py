@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from tarq.config import DTYPES
 from tarq.errors import TarqError
 from tarq.formats import FORMATS
 
@@ -27,9 +28,8 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-# tarq.transcribe.DTYPES, spelled out here: importing it would load torch for `tarq --help`
 dtype_option = click.option(
-    "--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32", show_default=True,
+    "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
     help="Compute dtype. auto: float16 on CUDA, bfloat16 on CPUs with native bf16 matmuls (about 2x faster "
     "there), else float32.")
 

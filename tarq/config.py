@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import Literal, get_args
 
 Method = Literal["tarq", "gptq", "rtn"]
 EncoderTagging = Literal["common", "frames"]
 ResidualStep = Literal["paper", "full"]
 Sequential = Literal["block", "layer"]
+# What a model computes in when it transcribes (tarq.transcribe.compute_dtype); here, free of torch, for
+# the CLI and the service settings
+ComputeDtype = Literal["float32", "bfloat16", "float16", "auto"]
+DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 
 
 @dataclass(frozen=True)

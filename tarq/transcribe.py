@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tarq.config import DTYPES
 from tarq.errors import AudioError, ModelError
 from tarq.formats import LANGUAGES, Segment, Transcript, Word
 from tarq.models.whisper import is_multilingual
@@ -29,9 +30,6 @@ FRAMES_PER_SECOND = 100  # mel frames; OpenAI's `seek` is counted in them
 
 # ---------------------------------------------------------------------------------------------
 # Loading and caching
-
-
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def compute_dtype(name: str, device: str) -> torch.dtype:

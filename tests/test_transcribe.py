@@ -131,10 +131,10 @@ def test_compute_dtype():
     assert compute_dtype("auto", "cpu") is (torch.bfloat16 if native_cpu_bf16() else torch.float32)
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, auto, not 'int8'"):
         compute_dtype("int8", "cpu")
-    # the CLI spells the list out (no torch at start-up); it must be the same list
+    # the CLI offers exactly the dtypes compute_dtype takes
     from tarq.cli_transcribe import eval_command
     from tarq.cli_transcribe import transcribe as transcribe_command
-    from tarq.transcribe import DTYPES
+    from tarq.config import DTYPES
 
     for command in (transcribe_command, eval_command):
         assert tuple([p for p in command.params if p.name == "dtype"][0].type.choices) == DTYPES
