@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gptq import GPTQResult, Prepared, damped, gptq, prepare
+from .gptq import GPTQResult, Prepared, accumulate_upper, damped, gptq, mirror_upper, prepare
 from .quantizer import rtn
 
 
@@ -18,8 +18,8 @@ from .quantizer import rtn
 class LayerStats:
     """Second moments of one layer's inputs over the calibration positions, float32.
 
-    Hc and Ht are the common and tail halves of H = sum x x^T over the quantized stream's inputs;
-    Hdelta = sum (x_fp - x) x^T over all positions (only when a full-precision stream runs).
+    Hc and Ht are the common and tail halves of H = sum x x^T over the quantized stream's inputs (each
+    accumulated on its upper triangle and mirrored when read); Hdelta = sum (x_fp - x) x^T over all positions (only when a full-precision stream runs).
 
     The residual correction only ever needs W Hdelta. For a layer with fewer rows than columns (fc2:
     4x fewer) `delta_rows` accumulates that product directly from the layer's outputs,
@@ -30,16 +30,17 @@ class LayerStats:
     device: torch.device | str = "cpu"
     with_delta: bool = False
     delta_rows: int | None = None
-    Hc: torch.Tensor = field(init=False)
-    Ht: torch.Tensor = field(init=False)
+    Hc_upper: torch.Tensor = field(init=False, repr=False)
+    Ht_upper: torch.Tensor = field(init=False, repr=False)
     Hdelta: torch.Tensor | None = field(init=False)
     WHdelta: torch.Tensor | None = field(init=False)
     n_common: int = 0
     n_tail: int = 0
+    _mirrored: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         z = lambda rows: torch.zeros(rows, self.columns, dtype=torch.float32, device=self.device)  # noqa: E731
-        self.Hc, self.Ht = z(self.columns), z(self.columns)
+        self.Hc_upper, self.Ht_upper = z(self.columns), z(self.columns)
         by_output = self.with_delta and self.delta_rows is not None
         self.Hdelta = z(self.columns) if self.with_delta and not by_output else None
         self.WHdelta = z(self.delta_rows) if by_output else None
@@ -56,10 +57,11 @@ class LayerStats:
         else:
             tail = tail.reshape(-1)
             xc, xt = x[~tail], x[tail]
+        self._mirrored.clear()
         if xc.numel():
-            self.Hc.addmm_(xc.T, xc)
+            accumulate_upper(self.Hc_upper, xc)
         if xt.numel():
-            self.Ht.addmm_(xt.T, xt)
+            accumulate_upper(self.Ht_upper, xt)
         self.n_common += int(xc.shape[0])
         self.n_tail += int(xt.shape[0])
         if self.Hdelta is not None:
@@ -73,8 +75,21 @@ class LayerStats:
             self.WHdelta.addmm_(dy.reshape(-1, self.WHdelta.shape[0]).float().T, x)
 
     @property
+    def Hc(self) -> torch.Tensor:
+        return self._mirror("Hc")
+
+    @property
+    def Ht(self) -> torch.Tensor:
+        return self._mirror("Ht")
+
+    @property
     def H(self) -> torch.Tensor:
         return self.Hc + self.Ht
+
+    def _mirror(self, name: str) -> torch.Tensor:
+        if name not in self._mirrored:
+            self._mirrored[name] = mirror_upper(getattr(self, f"{name}_upper"))
+        return self._mirrored[name]
 
     def w_hdelta(self, W: torch.Tensor) -> torch.Tensor:
         """W Hdelta, for the W whose outputs `dy` came from when accumulated by output."""
@@ -89,8 +104,9 @@ class LayerStats:
     @property
     def tail_share(self) -> float:
         """The tail's share of the trace mass of H (the paper's p)."""
-        total = float(torch.trace(self.Hc) + torch.trace(self.Ht))
-        return float(torch.trace(self.Ht)) / total if total > 0 else 0.0
+        tail = float(torch.trace(self.Ht_upper))
+        total = float(torch.trace(self.Hc_upper)) + tail
+        return tail / total if total > 0 else 0.0
 
 
 def rarebal(stats: LayerStats, cost: float = 1.0) -> tuple[torch.Tensor, float]:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tarq.gptq import accumulate, gptq, h_loss
+from tarq.gptq import accumulate, accumulate_upper, gptq, h_loss, mirror_upper
 from tarq.quantizer import find_params, rtn
 
 
@@ -105,3 +105,17 @@ def test_group_size_must_divide_columns():
     W, _, H = problem(cols=256)
     with pytest.raises(ValueError, match="multiple of group size"):
         gptq(W[:, :200], H[:200, :200], group_size=128)
+
+
+@pytest.mark.parametrize("cols", [64, 512, 1100, 2048])
+def test_upper_accumulation_mirrors_to_the_full_hessian(cols):
+    """Stripes (uneven ones too: 1100 columns) cover the upper triangle; the mirror is x^T x."""
+    g = torch.Generator().manual_seed(cols)
+    H = torch.zeros(cols, cols)
+    xs = [torch.randn(200, cols, generator=g) for _ in range(2)]
+    for x in xs:
+        accumulate_upper(H, x)
+    X = torch.cat(xs).double()
+    full = mirror_upper(H)
+    assert torch.equal(full, full.T)
+    assert torch.allclose(full.double(), X.T @ X, rtol=1e-5, atol=1e-3)

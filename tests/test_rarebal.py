@@ -20,6 +20,20 @@ def test_split_hessians_sum_to_h():
     assert st.n_tail == int(tail.sum()) and st.n_common == 300 - int(tail.sum())
 
 
+def test_split_hessians_of_wide_layers():
+    """Wide layers accumulate in stripes; Hc, Ht and H read back whole and symmetric."""
+    x = torch.randn(300, 1024)
+    tail = torch.rand(300) < 0.2
+    st = LayerStats(1024)
+    st.add(x[:150], tail[:150])
+    assert torch.allclose(st.Hc, x[:150][~tail[:150]].T @ x[:150][~tail[:150]], rtol=1e-4, atol=1e-3)
+    st.add(x[150:], tail[150:])  # a read in between must not leave a stale mirror
+    for got, rows in ((st.Hc, ~tail), (st.Ht, tail)):
+        assert torch.allclose(got, x[rows].T @ x[rows], rtol=1e-4, atol=1e-3)
+        assert torch.equal(got, got.T)
+    assert st.tail_share == pytest.approx(float(x[tail].pow(2).sum() / x.pow(2).sum()), rel=1e-4)
+
+
 def test_rarebal_equal_trace_mass():
     x = torch.randn(500, 32)
     tail = torch.rand(500) < 0.07
