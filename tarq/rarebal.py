@@ -19,7 +19,8 @@ class LayerStats:
     """Second moments of one layer's inputs over the calibration positions, float32.
 
     Hc and Ht are the common and tail halves of H = sum x x^T over the quantized stream's inputs (each
-    accumulated on its upper triangle and mirrored when read); Hdelta = sum (x_fp - x) x^T over all positions (only when a full-precision stream runs).
+    accumulated on its upper triangle and mirrored when read); Hdelta = sum (x_fp - x) x^T over all
+    positions (only when a full-precision stream runs).
 
     The residual correction only ever needs W Hdelta. For a layer with fewer rows than columns (fc2:
     4x fewer) `delta_rows` accumulates that product directly from the layer's outputs,
