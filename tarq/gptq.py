@@ -33,9 +33,6 @@ def accumulate_upper(H: torch.Tensor, x: torch.Tensor) -> None:
     x = x.reshape(-1, x.shape[-1]).float()
     cols = x.shape[1]
     stripes = max(2, round(cols / STRIPE)) if cols >= STRIPE else 1
-    if stripes == 1:
-        H.addmm_(x.T, x)
-        return
     bounds = torch.linspace(0, cols, stripes + 1).round().long().tolist()
     for a, b in pairwise(bounds):
         H[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
