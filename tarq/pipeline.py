@@ -59,6 +59,7 @@ def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config:
         # inside "quantize": block forward passes, Hessian/drift accumulation, the solves (the rest: the
         # report's per-layer losses, front ends, bookkeeping)
         "quantize_seconds": {k: round(v, 3) for k, v in driver.seconds.items()},
+        "encoder_batch_size": driver.encoder_batch,
         "seconds": timings,
         "device": device,
         "torch": torch.__version__,

@@ -24,6 +24,21 @@ from .rarebal import LayerStats, tarq_solve
 if TYPE_CHECKING:
     from .calibrate import CalibData
 
+# glibc serves every allocation above its largest mmap threshold (32 MiB on 64-bit) with a fresh mmap that
+# the kernel zero-fills page by page on first touch, on every call. A whisper-base encoder batch of 8 clips
+# makes 98 MB fc1 activations, and the elementwise ops on them (gelu, copies) then cost 5-10x their
+# in-heap time, so on CPU the encoder runs in batches whose largest activation stays under the threshold.
+HEAP_ALLOC_MAX = 32 << 20
+
+
+def encoder_batch_size(cfg, batch_size: int, device: torch.device, itemsize: int) -> int:
+    """Clips per encoder block call: `batch_size` on accelerators; on CPU at most as many clips as keep
+    the widest activation (fc1's output, `itemsize` bytes per value) under HEAP_ALLOC_MAX."""
+    if device.type != "cpu":
+        return batch_size
+    per_clip = cfg.max_source_positions * max(cfg.encoder_ffn_dim, cfg.d_model) * itemsize
+    return max(1, min(batch_size, HEAP_ALLOC_MAX // per_clip))
+
 
 class Driver:
     def __init__(self, model: nn.Module, config: QuantConfig, progress: ProgressFn | None = None,
@@ -37,6 +52,7 @@ class Driver:
         self.layers: list[dict] = []
         self.stream_drift: list[dict] = []  # per block, |x - x_fp|^2 / |x_fp|^2 after it (two streams only)
         self.seconds: dict[str, float] = {}  # forward / statistics / solve
+        self.encoder_batch: int | None = None  # clips per encoder block call (calibrated methods)
         device = next(model.parameters()).device
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.two_streams = config.method == "tarq" and config.residual
@@ -72,18 +88,22 @@ class Driver:
         return self.quantized
 
     def run_calibrated(self, data: CalibData) -> None:
-        model, bs = self.model, self.config.batch_size
-        batches = [slice(i, min(i + bs, len(data))) for i in range(0, len(data), bs)]
+        model = self.model
+        split = lambda bs: [slice(i, min(i + bs, len(data))) for i in range(0, len(data), bs)]
+        p = next(model.parameters())
+        self.encoder_batch = encoder_batch_size(model.config, self.config.batch_size, p.device, p.element_size())
+        enc_batches, batches = split(self.encoder_batch), split(self.config.batch_size)
         enc_blocks = [b for b in self.blocks if b.side == "encoder"]
         dec_blocks = [b for b in self.blocks if b.side == "decoder"]
 
         x, kwargs = [], []
-        for b in batches:
+        for b in enc_batches:
             h, kw = whisper.encoder_inputs(model, data.features[b])
             x.append(h)
             kwargs.append(kw)
-        x_fp = [h.clone() for h in x] if self.two_streams else None
-        frame_tail = [data.frame_tail[b] for b in batches] if self.tagged else [None] * len(batches)
+        # the same tensors until block 0 advances either stream: its first pass serves both
+        x_fp = list(x) if self.two_streams else None
+        frame_tail = [data.frame_tail[b] for b in enc_batches] if self.tagged else [None] * len(enc_batches)
         for i, block in enumerate(enc_blocks):
             self.check_stop()
             loss = self.quantize_block(block, x, x_fp, kwargs, kwargs, frame_tail, None)
@@ -93,8 +113,11 @@ class Driver:
         enc_fp = [whisper.encoder_output(model, h) for h in x_fp] if x_fp is not None else None
         del x, x_fp
         cross = LayerStats(enc_q[0].shape[-1], enc_q[0].device, with_delta=self.two_streams)
-        for j in range(len(batches)):
+        for j in range(len(enc_batches)):
             self.add_stats(cross, enc_q[j], frame_tail[j], enc_fp[j] if enc_fp is not None else None, None)
+        if enc_batches != batches:  # regroup into the decoder's batches
+            enc_q = list(torch.cat(enc_q).split(self.config.batch_size))
+            enc_fp = list(torch.cat(enc_fp).split(self.config.batch_size)) if enc_fp is not None else None
 
         x, kw_q, kw_fp = [], [], []
         for j, b in enumerate(batches):
@@ -171,10 +194,12 @@ class Driver:
                 cap_fp = None
                 if x_fp is not None:
                     seen.clear()
+                    same = x_fp[j] is x[j] and kw_fp[j] is kw_q[j]
                     x_fp[j] = self.forward(block, x_fp[j], kw_fp[j])
                     cap_fp = dict(seen)
-                seen.clear()
-                self.forward(block, x[j], kw_q[j])
+                if x_fp is None or not same:
+                    seen.clear()
+                    self.forward(block, x[j], kw_q[j])
                 tail = pick(j, tails[j]) if tails[j] is not None else None
                 for k, st in enumerate(stats):
                     (xin, y), fp = seen[k], (cap_fp[k] if cap_fp is not None else None)

@@ -155,3 +155,63 @@ def test_layer_sequential_tarq_full_step_follows_the_full_precision_stream(tiny_
         assert all(d["drift"] > 0 for d in report["stream_drift"])
     # the least-squares step, solved group after group, ends closer to the full-precision network
     assert full["stream_drift"][-1]["drift"] < paper["stream_drift"][-1]["drift"]
+
+
+def test_encoder_batches_stay_under_the_heap_limit_on_cpu():
+    from transformers import WhisperConfig
+
+    from tarq.sequential import HEAP_ALLOC_MAX, encoder_batch_size
+
+    base = WhisperConfig(d_model=512, encoder_ffn_dim=2048, max_source_positions=1500)
+    large = WhisperConfig(d_model=1280, encoder_ffn_dim=5120, max_source_positions=1500)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert encoder_batch_size(base, 8, cpu, 4) == 2  # 12.3 MB of fc1 output per clip
+    assert 2 * 1500 * 2048 * 4 <= HEAP_ALLOC_MAX < 3 * 1500 * 2048 * 4
+    assert encoder_batch_size(base, 8, cpu, 2) == 5
+    assert encoder_batch_size(base, 1, cpu, 4) == 1
+    assert encoder_batch_size(large, 8, cpu, 4) == 1
+    assert encoder_batch_size(base, 8, cuda, 4) == 8
+
+
+@pytest.mark.parametrize("method", ["gptq", "tarq"])
+def test_encoder_batches_do_not_change_the_result(method, tiny_whisper_dir, calib_dir, tmp_path, monkeypatch):
+    """Encoder calls of one clip each, regrouped into the decoder's batches of 4, solve the same problems."""
+    from safetensors.torch import load_file
+
+    from tarq import sequential
+
+    config = QuantConfig(method=method, batch_size=4, num_samples=6)
+    wide = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "wide", config)
+    monkeypatch.setattr(sequential, "HEAP_ALLOC_MAX", 1)
+    narrow = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "narrow", config)
+    reports = report_of(wide), report_of(narrow)
+    assert reports[0]["encoder_batch_size"] == 4 and reports[1]["encoder_batch_size"] == 1
+    # the first layers' Hessians differ only in summation order: the same codes, bar a rare tie
+    key = "model.encoder.layers.0.self_attn.q_proj.weight_packed"
+    codes = [load_file(o / "model.safetensors")[key].view(torch.uint8) for o in (wide, narrow)]
+    assert (codes[0] == codes[1]).float().mean() > 0.999
+    # later on, GPTQ's error feedback turns each flipped code into a few more (as between any two batch
+    # sizes), but every layer sees the same positions and ends at about the same loss
+    for a, b in zip(*(r["layers"] for r in reports)):
+        assert (a["name"], a["positions"], a["tail_positions"]) == (b["name"], b["positions"], b["tail_positions"])
+        assert a["loss_final"] == pytest.approx(b["loss_final"], rel=0.1), a["name"]
+    drift = [[d["drift"] for d in r["stream_drift"]] for r in reports]
+    assert drift[0] == pytest.approx(drift[1], rel=0.02) and len(drift[0]) == (4 if method == "tarq" else 0)
+
+
+def test_tarq_first_encoder_block_runs_once_for_both_streams(tiny_whisper_dir, calib_dir, tmp_path, monkeypatch):
+    """Both streams enter encoder block 0 with the same hidden states: one full-precision pass serves the
+    x stream's statistics and the full-precision stream, then the quantized block advances x."""
+    from tarq import sequential
+
+    calls: dict[str, int] = {}
+    forward = sequential.Driver.forward
+
+    def counted(self, block, h, kw):
+        calls[block.prefix] = calls.get(block.prefix, 0) + 1
+        return forward(self, block, h, kw)
+
+    monkeypatch.setattr(sequential.Driver, "forward", counted)
+    quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "t", QuantConfig(batch_size=4, num_samples=8))
+    assert calls == {"model.encoder.layers.0": 2 * 2, "model.encoder.layers.1": 3 * 2,
+                     "model.decoder.layers.0": 3 * 2, "model.decoder.layers.1": 3 * 2}
