@@ -24,22 +24,6 @@ from .rarebal import LayerStats, tarq_solve
 if TYPE_CHECKING:
     from .calibrate import CalibData
 
-# glibc serves every allocation above its largest mmap threshold (32 MiB on 64-bit) with a fresh mmap that
-# the kernel zero-fills page by page on first touch, on every call. A whisper-base encoder batch of 8 clips
-# makes 98 MB fc1 activations, and the elementwise ops on them (gelu, copies) then cost 5-10x their
-# in-heap time, so on CPU the encoder runs in batches whose largest activation stays under the threshold.
-HEAP_ALLOC_MAX = 32 << 20
-
-
-def encoder_batch_size(cfg, batch_size: int, device: torch.device, itemsize: int) -> int:
-    """Clips per encoder block call: `batch_size` on accelerators; on CPU at most as many clips as keep
-    the widest activation (fc1's output, `itemsize` bytes per value) under HEAP_ALLOC_MAX."""
-    if device.type != "cpu":
-        return batch_size
-    per_clip = cfg.max_source_positions * max(cfg.encoder_ffn_dim, cfg.d_model) * itemsize
-    return max(1, min(batch_size, HEAP_ALLOC_MAX // per_clip))
-
-
 class Driver:
     def __init__(self, model: nn.Module, config: QuantConfig, progress: ProgressFn | None = None,
                  should_stop: StopFn | None = None):
@@ -91,7 +75,8 @@ class Driver:
         model = self.model
         split = lambda bs: [slice(i, min(i + bs, len(data))) for i in range(0, len(data), bs)]
         p = next(model.parameters())
-        self.encoder_batch = encoder_batch_size(model.config, self.config.batch_size, p.device, p.element_size())
+        self.encoder_batch = whisper.encoder_batch_size(model.config, self.config.batch_size, p.device,
+                                                        p.element_size())
         enc_batches, batches = split(self.encoder_batch), split(self.config.batch_size)
         enc_blocks = [b for b in self.blocks if b.side == "encoder"]
         dec_blocks = [b for b in self.blocks if b.side == "decoder"]

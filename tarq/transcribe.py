@@ -21,7 +21,7 @@ import torch
 from tarq.config import DTYPES
 from tarq.errors import AudioError, ModelError
 from tarq.formats import LANGUAGES, Segment, Transcript, Word
-from tarq.models.whisper import is_multilingual
+from tarq.models.whisper import encode, is_multilingual
 
 SAMPLE_RATE = 16000  # Whisper's; tarq.audio.load_audio returns audio at this rate
 WINDOW_SECONDS = 30.0  # one encoder pass; longer clips need timestamp-driven long-form decoding
@@ -419,7 +419,8 @@ def transcribe_batch(
             idx = short[lo : lo + batch_size]
             features, _ = _features(processor, [audios[i] for i in idx], model, long_form=False)
             sequences = model.generate(
-                features, return_timestamps=False, do_sample=False, num_beams=1, **kwargs
+                features, encoder_outputs=encode(model, features), return_timestamps=False, do_sample=False,
+                num_beams=1, **kwargs,
             )
             for i, seq in zip(idx, sequences):
                 texts[i] = processor.tokenizer.decode(_text_tokens(seq.tolist(), eot)).strip()

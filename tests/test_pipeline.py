@@ -160,7 +160,7 @@ def test_layer_sequential_tarq_full_step_follows_the_full_precision_stream(tiny_
 def test_encoder_batches_stay_under_the_heap_limit_on_cpu():
     from transformers import WhisperConfig
 
-    from tarq.sequential import HEAP_ALLOC_MAX, encoder_batch_size
+    from tarq.models.whisper import HEAP_ALLOC_MAX, encoder_batch_size
 
     base = WhisperConfig(d_model=512, encoder_ffn_dim=2048, max_source_positions=1500)
     large = WhisperConfig(d_model=1280, encoder_ffn_dim=5120, max_source_positions=1500)
@@ -178,11 +178,11 @@ def test_encoder_batches_do_not_change_the_result(method, tiny_whisper_dir, cali
     """Encoder calls of one clip each, regrouped into the decoder's batches of 4, solve the same problems."""
     from safetensors.torch import load_file
 
-    from tarq import sequential
+    from tarq.models import whisper
 
     config = QuantConfig(method=method, batch_size=4, num_samples=6)
     wide = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "wide", config)
-    monkeypatch.setattr(sequential, "HEAP_ALLOC_MAX", 1)
+    monkeypatch.setattr(whisper, "HEAP_ALLOC_MAX", 1)
     narrow = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "narrow", config)
     reports = report_of(wide), report_of(narrow)
     assert reports[0]["encoder_batch_size"] == 4 and reports[1]["encoder_batch_size"] == 1

@@ -94,6 +94,30 @@ def test_batch_equals_one_by_one(tiny):
     assert len(batched) == 5
 
 
+def test_batch_encoder_runs_in_chunks_on_cpu(tiny, monkeypatch):
+    import torch
+
+    from tarq.models import whisper
+    from tarq.transcribe import _features
+
+    model, processor = tiny
+    audios = [noise(d, seed=i) for i, d in enumerate((1.0, 2.5, 4.0))]
+    features, _ = _features(processor, audios, model, long_form=False)
+    whole = whisper.encode(model, features).last_hidden_state
+    texts = transcribe_batch(model, processor, audios, batch_size=3)
+    calls = []
+    encoder = model.get_encoder()
+    handle = encoder.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    monkeypatch.setattr(whisper, "HEAP_ALLOC_MAX", 1)
+    try:
+        chunked = whisper.encode(model, features).last_hidden_state
+        assert transcribe_batch(model, processor, audios, batch_size=3) == texts
+    finally:
+        handle.remove()
+    assert calls == [1, 1, 1] * 2  # one clip per call, and generate did not run the encoder again
+    torch.testing.assert_close(chunked, whole)
+
+
 def test_english_only_model_refuses_other_languages(tiny):
     model, processor = tiny
     assert transcribe(model, processor, noise(1.0), language="en").language == "en"

@@ -29,6 +29,32 @@ DECODER_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 CROSS_KV: tuple[str, ...] = ("encoder_attn.k_proj", "encoder_attn.v_proj")
 
+# glibc serves every allocation above its largest mmap threshold (32 MiB on 64-bit) with a fresh mmap that
+# the kernel zero-fills page by page on first touch, on every call. A whisper-base encoder batch of 8 clips
+# makes 98 MB fc1 activations, and the elementwise ops on them (gelu, copies) then cost 5-10x their
+# in-heap time, so on CPU the encoder runs (calibration, batched transcription) in batches whose largest
+# activation stays under the threshold.
+HEAP_ALLOC_MAX = 32 << 20
+
+
+def encoder_batch_size(cfg, batch_size: int, device: torch.device, itemsize: int) -> int:
+    """Clips per encoder call: `batch_size` on accelerators; on CPU at most as many clips as keep
+    the widest activation (fc1's output, `itemsize` bytes per value) under HEAP_ALLOC_MAX."""
+    if device.type != "cpu":
+        return batch_size
+    per_clip = cfg.max_source_positions * max(cfg.encoder_ffn_dim, cfg.d_model) * itemsize
+    return max(1, min(batch_size, HEAP_ALLOC_MAX // per_clip))
+
+
+def encode(model: nn.Module, features: torch.Tensor):
+    """The encoder's output for a batch of features, run in `encoder_batch_size` chunks; `generate` takes
+    it as `encoder_outputs` and then skips the encoder."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    encoder = model.get_encoder()
+    n = encoder_batch_size(model.config, len(features), features.device, features.element_size())
+    return BaseModelOutput(last_hidden_state=torch.cat([encoder(c).last_hidden_state for c in features.split(n)]))
+
 
 @dataclass(frozen=True)
 class Block:
