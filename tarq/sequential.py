@@ -24,6 +24,7 @@ from .rarebal import LayerStats, tarq_solve
 if TYPE_CHECKING:
     from .calibrate import CalibData
 
+
 class Driver:
     def __init__(self, model: nn.Module, config: QuantConfig, progress: ProgressFn | None = None,
                  should_stop: StopFn | None = None):
@@ -116,16 +117,16 @@ class Driver:
         masks = [data.token_mask[b] for b in batches]
         for i, block in enumerate(dec_blocks):
             self.check_stop()
-            loss = self.quantize_block(block, x, x_fp, kw_q, kw_fp, token_tail, masks)
-            self.solve_group(block, whisper.CROSS_KV, cross)
+            loss = self.quantize_block(block, x, x_fp, kw_q, kw_fp, token_tail, masks, cross)
             self.progress(Progress("decoder", len(enc_blocks) + i + 1, len(self.blocks), loss))
 
     # -- one block -----------------------------------------------------------------------------
-    def quantize_block(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> float:
-        """Solve the block's groups (x_fp advances through the full-precision block on the way), then
-        advance x through the quantized block. Returns the mean relative loss of the groups."""
+    def quantize_block(self, block, x, x_fp, kw_q, kw_fp, tails, masks, cross: LayerStats | None = None) -> float:
+        """Solve the block's groups (x_fp advances through the full-precision block on the way) and, in a
+        decoder block, its cross-attention k/v from `cross`; then advance x through the quantized block.
+        Returns the mean relative loss of the groups (cross k/v not included)."""
         solve = self.quantize_block_layerwise if self.config.sequential == "layer" else self.quantize_block_at_once
-        rel = solve(block, x, x_fp, kw_q, kw_fp, tails, masks)
+        rel = solve(block, x, x_fp, kw_q, kw_fp, tails, masks, cross)
         for j in range(len(x)):
             x[j] = self.forward(block, x[j], kw_q[j])
         if x_fp is not None:
@@ -166,9 +167,9 @@ class Driver:
         return LayerStats(lin.in_features, device, with_delta=self.two_streams,
                           delta_rows=lin.out_features if self.drift_by_output(block, group) else None)
 
-    def quantize_block_at_once(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> list[float]:
+    def quantize_block_at_once(self, block, x, x_fp, kw_q, kw_fp, tails, masks, cross) -> list[float]:
         """Gather every group's statistics on both streams in one pass (x_fp advancing through the
-        full-precision block), then solve the groups."""
+        full-precision block), then solve the groups and cross-attention k/v."""
         groups = block.groups
         stats = [self.new_stats(block, g, x[0].device) for g in groups]
         pick = _picker(masks)
@@ -190,13 +191,17 @@ class Driver:
                     (xin, y), fp = seen[k], (cap_fp[k] if cap_fp is not None else None)
                     self.add_stats(st, pick(j, xin), tail, None if fp is None else pick(j, fp[0]),
                                    pick(j, fp[1]) - pick(j, y) if st.WHdelta is not None else None)
-        return [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
+        rel = [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
+        if cross is not None:
+            self.solve_group(block, whisper.CROSS_KV, cross)
+        return rel
 
-    def quantize_block_layerwise(self, block, x, x_fp, kw_q, kw_fp, tails, masks) -> list[float]:
+    def quantize_block_layerwise(self, block, x, x_fp, kw_q, kw_fp, tails, masks, cross) -> list[float]:
         """Solve the groups in block order, each on x-stream inputs captured after the groups before it
         were quantized. x_fp runs once through the full-precision block first; its inputs to every group
         (and outputs, where drift is tracked by output) are kept at the selected positions until that
-        group is solved."""
+        group is solved. Cross-attention k/v (statistics from the encoder output alone) are solved right
+        after that pass, so every group after them reads their quantized output."""
         groups = block.groups
         pick = _picker(masks)
         fp_io: list[list[tuple | None]] | None = None
@@ -211,6 +216,8 @@ class Driver:
                     for k, g in enumerate(groups):
                         fp_io[k][j] = (pick(j, seen[k][0]),
                                        pick(j, seen[k][1]) if self.drift_by_output(block, g) else None)
+        if cross is not None:
+            self.solve_group(block, whisper.CROSS_KV, cross)
         rel = []
         for k, group in enumerate(groups):
             first = block.linear(group[0])

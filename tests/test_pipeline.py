@@ -196,7 +196,7 @@ def test_encoder_batches_do_not_change_the_result(method, tiny_whisper_dir, cali
         assert (a["name"], a["positions"], a["tail_positions"]) == (b["name"], b["positions"], b["tail_positions"])
         assert a["loss_final"] == pytest.approx(b["loss_final"], rel=0.1), a["name"]
     drift = [[d["drift"] for d in r["stream_drift"]] for r in reports]
-    assert drift[0] == pytest.approx(drift[1], rel=0.02) and len(drift[0]) == (4 if method == "tarq" else 0)
+    assert drift[0] == pytest.approx(drift[1], rel=0.1) and len(drift[0]) == (4 if method == "tarq" else 0)
 
 
 def test_tarq_first_encoder_block_runs_once_for_both_streams(tiny_whisper_dir, calib_dir, tmp_path, monkeypatch):
@@ -215,3 +215,32 @@ def test_tarq_first_encoder_block_runs_once_for_both_streams(tiny_whisper_dir, c
     quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "t", QuantConfig(batch_size=4, num_samples=8))
     assert calls == {"model.encoder.layers.0": 2 * 2, "model.encoder.layers.1": 3 * 2,
                      "model.decoder.layers.0": 3 * 2, "model.decoder.layers.1": 3 * 2}
+
+
+@pytest.mark.parametrize("method,mode", [("gptq", "block"), ("tarq", "block"), ("gptq", "layer")])
+def test_decoder_blocks_advance_through_quantized_cross_attention(method, mode, tiny_whisper_dir, calib_dir,
+                                                                  tmp_path, monkeypatch):
+    """x leaves a decoder block through every quantized layer of it, cross-attention k/v included."""
+    from tarq import sequential
+
+    calls: dict[str, list[bool]] = {}  # per decoder block call: is cross-attention k still full precision?
+    fp_weight: dict[str, torch.Tensor] = {}
+    forward = sequential.Driver.forward
+
+    def recording(self, block, h, kw):
+        if not fp_weight:  # the first call (encoder block 0): nothing is quantized yet
+            fp_weight.update({b.prefix: b.linear("encoder_attn.k_proj").weight.detach().clone()
+                              for b in self.blocks if b.side == "decoder"})
+        if block.side == "decoder":
+            k = block.linear("encoder_attn.k_proj").weight
+            calls.setdefault(block.prefix, []).append(torch.equal(k, fp_weight[block.prefix]))
+        return forward(self, block, h, kw)
+
+    monkeypatch.setattr(sequential.Driver, "forward", recording)
+    quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "q",
+                   QuantConfig(method=method, batch_size=4, num_samples=8, sequential=mode))
+    assert set(calls) == {"model.decoder.layers.0", "model.decoder.layers.1"}
+    for seq in calls.values():
+        assert seq[-2:] == [False, False]  # the advance pass, one call per batch
+        if mode == "block":  # statistics (and the full-precision stream) first, on the full-precision block
+            assert seq[:-2] == [True] * (len(seq) - 2) and len(seq) == (6 if method == "tarq" else 4)
