@@ -8,6 +8,8 @@ for pseudo-labels). Evaluation: commonvoice-en-100 and the LJSpeech clips not us
 Never on calibration clips. Every variant is W4G128 and decodes greedily in English with identical
 settings. Results are cached per (model, variant) under bench/results/quality/ so that an interrupted
 run resumes; --fresh recomputes. Writes bench/results/quality.md and bench/results/quality.png.
+--tag NAME keeps a rerun (say, after a change to the quantizer) apart: its quantized variants are cached
+as ...-NAME.json and reported in quality-NAME.md / .png, beside the untagged results; FP is shared.
 """
 from __future__ import annotations
 
@@ -172,11 +174,15 @@ def write_report(rows: list[dict], args) -> None:
             alphas = [x["alpha"] for x in r["layers"] if x.get("alpha") is not None]
             lines += ["", f"{r['model']} TARQ per-layer report: decoder lambda {min(lams):.2f}..{max(lams):.2f}, "
                           f"alpha {min(alphas):.3f}..{max(alphas):.3f}; calibration {r['calibration']}"]
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
-    plot(rows, sets)
+    (RESULTS / f"quality{suffix(args)}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, sets, RESULTS / f"quality{suffix(args)}.png")
 
 
-def plot(rows: list[dict], sets: list[str]) -> None:
+def suffix(args) -> str:
+    return f"-{args.tag}" if args.tag else ""
+
+
+def plot(rows: list[dict], sets: list[str], out: Path) -> None:
     """One panel per (model, data set); variants more than 3x FP's WER are left out (named in the title)
     so that one broken variant does not squash the rest."""
     import matplotlib
@@ -207,7 +213,7 @@ def plot(rows: list[dict], sets: list[str]) -> None:
                          fontsize=9)
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "quality.png", dpi=110)
+    fig.savefig(out, dpi=110)
 
 
 def main() -> None:
@@ -222,6 +228,7 @@ def main() -> None:
                     help="first N held-out LJSpeech clips (sorted by name) instead of all")
     ap.add_argument("--report-only", action="store_true", help="only tabulate results already cached")
     ap.add_argument("--fresh", action="store_true", help="recompute cached results")
+    ap.add_argument("--tag", default="", help="cache and report quantized variants apart under this name")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--cpu-bf16", action="store_true",
                     help="let int4 models run their dequantized (encoder) matmuls in bf16 where the CPU has "
@@ -245,7 +252,8 @@ def main() -> None:
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
             key = cache / (f"{model}-{variant}-n{args.calib_n}-s{args.seed}-l{args.eval_limit or 'all'}"
-                           f"-h{args.holdout_limit or 'all'}{'-bf16' if args.cpu_bf16 else ''}.json")
+                           f"-h{args.holdout_limit or 'all'}{'-bf16' if args.cpu_bf16 else ''}"
+                           f"{suffix(args) if variant != 'fp' else ''}.json")
             if key.exists() and not args.fresh:
                 rows.append(json.loads(key.read_text()))
                 print(f"  {model} {variant}: cached", flush=True)
@@ -263,7 +271,7 @@ def main() -> None:
         raise SystemExit(f"no results for these settings in {cache} (they are cached per calibration size, "
                          "seed, eval and hold-out limits, e.g. --holdout-limit 100 for the README's runs)")
     write_report(rows, args)
-    print((RESULTS / "quality.md").read_text())
+    print((RESULTS / f"quality{suffix(args)}.md").read_text())
 
 
 if __name__ == "__main__":
