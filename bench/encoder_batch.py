@@ -28,7 +28,7 @@ def main() -> None:
     from torch.profiler import profile
 
     from tarq.hub import pull
-    from tarq.models.whisper import encoder_batch_size
+    from tarq.models.whisper import encoder_batch_size, widest_encoder_activation
     from tarq.transcribe import load
 
     source = args.model if Path(args.model).is_dir() else pull(args.model)
@@ -60,7 +60,7 @@ def main() -> None:
             ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
             total = sum(ops.values())
             elementwise = ops.get("aten::gelu", 0) + ops.get("aten::copy_", 0)
-            mib = bs * cfg.max_source_positions * cfg.encoder_ffn_dim * 4 / 2**20
+            mib = bs * widest_encoder_activation(cfg, 4) / 2**20
             print(f"| {bs} | {mib:.0f} | {1000 * best / args.clips:.1f} | {elementwise / max(total, 1):.0%} |")
 
 

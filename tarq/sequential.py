@@ -178,12 +178,12 @@ class Driver:
             for j in range(len(x)):
                 self.check_stop()
                 cap_fp = None
+                same = x_fp is not None and x_fp[j] is x[j] and kw_fp[j] is kw_q[j]
                 if x_fp is not None:
                     seen.clear()
-                    same = x_fp[j] is x[j] and kw_fp[j] is kw_q[j]
                     x_fp[j] = self.forward(block, x_fp[j], kw_fp[j])
                     cap_fp = dict(seen)
-                if x_fp is None or not same:
+                if not same:
                     seen.clear()
                     self.forward(block, x[j], kw_q[j])
                 tail = pick(j, tails[j]) if tails[j] is not None else None

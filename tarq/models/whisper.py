@@ -42,8 +42,12 @@ def encoder_batch_size(cfg, batch_size: int, device: torch.device, itemsize: int
     the widest activation (fc1's output, `itemsize` bytes per value) under HEAP_ALLOC_MAX."""
     if device.type != "cpu":
         return batch_size
-    per_clip = cfg.max_source_positions * max(cfg.encoder_ffn_dim, cfg.d_model) * itemsize
-    return max(1, min(batch_size, HEAP_ALLOC_MAX // per_clip))
+    return max(1, min(batch_size, HEAP_ALLOC_MAX // widest_encoder_activation(cfg, itemsize)))
+
+
+def widest_encoder_activation(cfg, itemsize: int) -> int:
+    """Bytes of one clip's widest encoder activation (fc1's output)."""
+    return cfg.max_source_positions * max(cfg.encoder_ffn_dim, cfg.d_model) * itemsize
 
 
 def encode(model: nn.Module, features: torch.Tensor):
