@@ -429,6 +429,48 @@ def job_random_large(device: str = "cuda", variant: str = "eager", tokens: int =
     return results
 
 
+def job_large_quantize(device: str = "cuda", method: str = "tarq", clips: int = 128, tokens: int = 48,
+                       batch_size: int = 8, shape: dict | None = None, tail_share: float = 0.07) -> dict:
+    """The sequential driver (GPTQ or TARQ, W4G128) on a random-weight model with large-v3 shapes and
+    `clips` synthetic calibration clips: random log-mel features, random token sequences of `tokens // 2`
+    to `tokens` positions with `tail_share` of them tagged tail. Times the driver alone (no loading,
+    calibration or saving, which a real run adds); what the numbers measure is speed, never quality."""
+    import torch
+
+    from tarq.calibrate import CalibData
+    from tarq.config import QuantConfig
+    from tarq.sequential import Driver
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model = random_whisper(device, dtype, shape)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(max(1, tokens // 2), tokens + 1, (clips,), generator=g)
+    mask = torch.arange(tokens)[None, :] < lengths[:, None]
+    ids = torch.randint(0, cfg.vocab_size, (clips, tokens), generator=g).masked_fill(~mask, cfg.eos_token_id)
+    tail = (torch.rand(clips, tokens, generator=g) < tail_share) & mask
+    feats = torch.randn(clips, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g)
+    data = CalibData(feats.to(device, dtype), ids.to(device), mask.to(device), tail.to(device),
+                     torch.zeros(clips, cfg.max_source_positions, dtype=torch.bool, device=device),
+                     texts=[""] * clips, names=[f"random-{i}" for i in range(clips)])
+    t0 = time.perf_counter()
+    # one line per block: a run stopped by a time limit still says how far it got (gpu_check keeps stdout)
+    say = lambda p: print(f"  {method} {p.stage} block {p.layer}/{p.layers_total}: "
+                          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    driver = Driver(model, QuantConfig(method=method, num_samples=clips, batch_size=batch_size), progress=say)
+    with Meter(device) as m:
+        driver.run(data)
+    out = {"method": method, "device": device, "dtype": str(dtype).replace("torch.", ""), "clips": clips,
+           "tokens": int(mask.sum()), "tail_tokens": int(tail.sum()), "batch_size": batch_size,
+           "encoder_batch_size": driver.encoder_batch, "random_weights": True, "seconds": m.seconds,
+           "stages": {k: round(v, 3) for k, v in driver.seconds.items()}, "layers": len(driver.quantized),
+           "peak_rss_mb": m.peak_rss, "peak_cuda_mb": m.peak_cuda,
+           "shape": {k: getattr(cfg, k) for k in ("d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim")}}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
 def _time_generate(model, variant: str, tokens: int, batch_sizes, reps: int, device: str, dtype,
                    compile_backend: str = "inductor") -> dict:
     import torch
@@ -484,7 +526,7 @@ def _time_generate(model, variant: str, tokens: int, batch_sizes, reps: int, dev
 
 
 JOBS = {"solver": job_solver, "kernels": job_kernels, "quantize": job_quantize, "transcribe": job_transcribe,
-        "random_large": job_random_large}
+        "random_large": job_random_large, "large_quantize": job_large_quantize}
 
 
 def run_job(kind: str, isolate: bool, timeout: float | None = None, **kwargs) -> dict:
@@ -662,6 +704,31 @@ def report_large(rows: list[dict]) -> list[str]:
     return lines
 
 
+def report_large_quantize(rows: list[dict]) -> list[str]:
+    lines = ["### Quantizing whisper-large-v3 shapes, RANDOM weights and calibration data (speed only)", ""]
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 9)
+            continue
+        base = next((b for b in rows if b.get("method") == "gptq" and "error" not in b), None)
+        st = r["stages"]
+        inner = [st.get(k) for k in ("forward", "statistics", "solve")]
+        out.append([r["method"], f"{r['clips']} ({r['tokens']} tokens, {r['tail_tokens']} tail)",
+                    f(r["seconds"], "{:.1f}"), ratio(r["seconds"], base and base["seconds"]),
+                    *(f(v, "{:.1f}") for v in inner),
+                    f(r["seconds"] - sum(v or 0 for v in inner), "{:.1f}"),
+                    f(r["peak_cuda_mb"], "{:.0f}"), f(r["peak_rss_mb"], "{:.0f}"), str(r["encoder_batch_size"])])
+    ok = next((r for r in rows if "error" not in r), None)
+    if ok:
+        lines += [f"Device {ok.get('gpu', ok['device'])} ({ok['dtype']}); the sequential driver alone: a real run adds "
+                  "loading, calibration (features, tagging, pseudo-labels for clips without transcripts) and "
+                  "saving.", ""]
+    lines += table(["method", "clips", "wall s", "vs GPTQ", "forward s", "statistics s", "solve s", "other s",
+                    "peak CUDA MiB", "peak RSS MiB", "encoder batch"], out)
+    return lines
+
+
 def environment(device: str) -> str:
     import torch
 
@@ -700,13 +767,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parts", default="solver,quantize,transcribe",
-                    help="comma list of solver, kernels (one QuantLinear per path), quantize, transcribe, large")
+                    help="comma list of solver, kernels (one QuantLinear per path), quantize, transcribe, large, "
+                         "large-quantize (the driver on large-v3 shapes: --methods, --calib-n clips)")
     ap.add_argument("--random-large", action="store_true", help="add the large-v3-shaped random-weight benchmark")
     ap.add_argument("--compiled", action="store_true", help="with --random-large: also static cache + torch.compile")
     ap.add_argument("--large-variants", default=None, help="comma list of eager, compiled (overrides --compiled)")
-    ap.add_argument("--tokens", type=int, default=64, help="--random-large: tokens decoded per clip")
+    ap.add_argument("--tokens", type=int, default=64,
+                    help="--random-large: tokens decoded per clip; large-quantize: at most this many per clip")
     ap.add_argument("--large-shape", type=json.loads, default=None,
-                    help="--random-large: WhisperConfig fields as JSON instead of large-v3's (smoke tests)")
+                    help="--random-large, large-quantize: WhisperConfig fields as JSON instead of large-v3's "
+                         "(smoke tests)")
     ap.add_argument("--solver-only", action="store_true", help="only the GPTQ solver micro-benchmark")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny.en, 2 clips, batch 1 and 2")
     ap.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every job in this process")
@@ -804,6 +874,14 @@ def main(argv: list[str] | None = None) -> dict:
                 merged["error"] = "; ".join(sorted({m["error"] for m in merged["models"].values()}))
             results["large"].append(merged)
 
+    if "large-quantize" in parts:
+        results["large_quantize"] = []
+        for method in (m for m in args.methods.split(",") if m != "rtn"):
+            say(f"quantize random large-v3 shapes, {method}, {args.calib_n} clips ...")
+            r = run_job("large_quantize", args.isolate, args.job_timeout, device=args.device, method=method,
+                        clips=args.calib_n, tokens=args.tokens, shape=args.large_shape)
+            results["large_quantize"].append(r)
+
     write_report(results, out)
     say(out.read_text())
     return results
@@ -824,6 +902,8 @@ def write_report(results: dict, out: Path) -> None:
         lines += [""] + report_transcribe(results["transcribe"])
     if results.get("large"):
         lines += [""] + report_large(results["large"])
+    if results.get("large_quantize"):
+        lines += [""] + report_large_quantize(results["large_quantize"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     slim = copy.deepcopy(results)

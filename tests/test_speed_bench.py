@@ -125,6 +125,22 @@ def test_main_writes_the_report(speed, tmp_path):
     assert set(res["large"][0]["models"]) == {"fp", "int4"}
 
 
+def test_large_quantize_job_runs_the_driver_on_random_data(speed):
+    """GPTQ and TARQ over every Linear of a small random Whisper, from synthetic calibration clips."""
+    from tarq.models import whisper
+
+    rows = [speed.job_large_quantize(device="cpu", method=m, clips=3, tokens=10, batch_size=2, shape=TINY_SHAPE)
+            for m in ("gptq", "tarq")]
+    n_linears = len(whisper.quantizable_names(speed.random_whisper("cpu", torch.float32, TINY_SHAPE)))
+    for r in rows:
+        assert r["random_weights"] and r["layers"] == n_linears and r["clips"] == 3
+        assert 3 * 5 <= r["tokens"] <= 3 * 10 and r["tail_tokens"] <= r["tokens"]
+        assert r["seconds"] > 0 and {"forward", "statistics", "solve"} <= set(r["stages"])
+    text = "\n".join(speed.report_large_quantize(rows + [{"error": "out of memory", "method": "tarq"}]))
+    assert "RANDOM weights" in text and "| gptq | 3 (" in text and "| 1.00x |" in text
+    assert "failed: out of memory" in text
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_random_large_job_on_cuda_takes_tinygemm(speed):
@@ -134,3 +150,14 @@ def test_random_large_job_on_cuda_takes_tinygemm(speed):
     assert all(run["peak_cuda_mb"] > 0 for run in r["models"]["fp"]["runs"].values())
     res = speed.job_solver(device="cuda", reps=1, positions=512, shapes={"small [64x256]": [64, 256]})
     assert res["shapes"][0]["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_large_quantize_job_on_cuda(speed):
+    """The driver in float16 on the GPU, both streams on the device."""
+    from tarq.models import whisper
+
+    r = speed.job_large_quantize(device="cuda", method="tarq", clips=3, tokens=10, batch_size=2, shape=TINY_SHAPE)
+    assert r["dtype"] == "float16" and r["peak_cuda_mb"] > 0 and r["encoder_batch_size"] == 2
+    assert r["layers"] == len(whisper.quantizable_names(speed.random_whisper("cpu", torch.float32, TINY_SHAPE)))
