@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # loaded: a task that needs more fails with "out of memory" and the process lives on. 0: no cap.
     # For CPU workers: CUDA reserves far more address space than it uses, so leave it 0 on GPU hosts.
     worker_memory_limit_mb: int = 0
+    # CPU threads torch may use in each worker pool process. 0: the cores divided among the pool's
+    # processes, so that two jobs at once do not each spin a thread per core (an OMP_NUM_THREADS set in
+    # the environment is then left alone).
+    torch_threads: int = Field(default=0, ge=0)
     model_cache_size: int = 2  # loaded models kept per worker process
     default_model: str = ""  # what "whisper-1" (the OpenAI client's habit) maps to; empty: refused
     hub_offline: bool = False  # accept a Hub id only if it is already in the local HF cache

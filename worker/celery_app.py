@@ -9,10 +9,11 @@ broker only once its task finished, and a worker never hoards jobs it cannot sta
 from __future__ import annotations
 
 import logging
+import os
 import resource
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from kombu import Queue
 
 from app.settings import QUEUES, Settings, get_settings
@@ -67,10 +68,51 @@ def apply_memory_limit(settings: Settings) -> int | None:
     return limit
 
 
+def share_cpu_threads(settings: Settings, pool_processes: int | None) -> int:
+    """Set torch's CPU threads for this pool process: TARQ_TORCH_THREADS, or else (unless OMP_NUM_THREADS
+    is set) the cores this process may run on divided among `pool_processes`. torch otherwise takes a
+    thread per core in every process, and two jobs at once then spin twice as many threads as cores at
+    each parallel region (`python bench/threads.py`). Returns the count torch uses."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    if settings.torch_threads:
+        why = "TARQ_TORCH_THREADS"
+        torch.set_num_threads(settings.torch_threads)
+    elif "OMP_NUM_THREADS" in os.environ:
+        why = "OMP_NUM_THREADS"
+    elif pool_processes:
+        why = f"{cores} cores / {pool_processes} pool processes"
+        torch.set_num_threads(max(1, cores // pool_processes))
+    else:
+        why = "torch's default"
+    threads = torch.get_num_threads()
+    log.info("worker process: torch uses %d CPU threads (%s)", threads, why)
+    return threads
+
+
+_pool_processes: int | None = None  # set in the parent before the pool forks
+
+
+@worker_init.connect
+def _remember_pool_size(sender=None, **_kw) -> None:
+    global _pool_processes
+    pool = str(getattr(sender, "pool_cls", ""))
+    concurrency = getattr(sender, "concurrency", None)
+    if "prefork" not in pool:  # solo and thread pools run in one process: its threads are all there is
+        _pool_processes = None
+    elif concurrency == "auto":  # resolved after this signal, to one process per available core
+        _pool_processes = len(os.sched_getaffinity(0))
+    else:
+        _pool_processes = int(concurrency) if concurrency else None
+
+
 @worker_process_init.connect
-def _limit_pool_process(**_kw) -> None:
+def _init_pool_process(**_kw) -> None:
     # Pool processes only: the parent, which replaces a pool process that dies, is never capped.
-    apply_memory_limit(get_settings())
+    settings = get_settings()
+    share_cpu_threads(settings, _pool_processes)
+    apply_memory_limit(settings)
 
 
 app = make_celery()

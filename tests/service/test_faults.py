@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -273,3 +274,23 @@ def test_out_of_memory_without_a_memory_error_is_named_so():
         assert _out_of_memory(err).startswith("out of memory (host RAM) while quantizing: ")
     assert _out_of_memory(RuntimeError("shape mismatch")) is None
     assert _out_of_memory(ModelError("/m has no weights (*.safetensors)")) is None
+
+
+def test_pool_processes_share_the_cores(started, tmp_path, subprocess_env):
+    """torch takes a thread per core in every process; a worker's pool processes divide the cores among
+    themselves instead (TARQ_TORCH_THREADS overrides, an explicit OMP_NUM_THREADS is left alone)."""
+    env = {k: v for k, v in subprocess_env.items() if k != "OMP_NUM_THREADS"}
+    cores = len(os.sched_getaffinity(0))
+    runs = {"shared": (env, "2"), "fixed": (dict(env, TARQ_TORCH_THREADS="3"), "1"),
+            "omp": (dict(env, OMP_NUM_THREADS="1"), "2")}
+    for name, (run_env, concurrency) in runs.items():
+        started.start(tarq_command("worker", "-c", concurrency), run_env, name, kind="worker")
+    logs = {name: tmp_path / f"{name}.log" for name in runs}
+    for name in runs:
+        _wait_for(lambda name=name: " ready." in logs[name].read_text(errors="replace"), 120, f"worker {name} ready")
+    said = lambda name: re.findall(r"torch uses (\d+) CPU threads \((\w+)", logs[name].read_text(errors="replace"))
+    _wait_for(lambda: len(said("shared")) == 2 and len(said("fixed")) == 1 and len(said("omp")) == 2, 60,
+              "pool processes set their threads")
+    assert said("shared") == [(str(max(1, cores // 2)), str(cores))] * 2
+    assert said("fixed") == [("3", "TARQ_TORCH_THREADS")]
+    assert said("omp") == [("1", "OMP_NUM_THREADS")] * 2
