@@ -6,8 +6,8 @@
 torch sizes its thread pool to the machine's cores in every process. A Celery worker with -c 2 has two
 pool processes; when both run a job, twice as many threads as cores spin at every parallel region, and
 small ops (GPTQ's column sweep) wait on threads that are not scheduled. Runs `--procs` identical
-quantizations at once with each thread count (OMP_NUM_THREADS, which torch reads at start) after one run
-alone with every core, and reports each process's wall time and stages. Writes bench/results/threads.md.
+quantizations at once with each thread count (OMP_NUM_THREADS, which torch reads at start), after one
+run alone with each, and reports each process's wall time and stages. Writes bench/results/threads.md.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def main() -> None:
         sorted({cores, max(1, cores // args.procs)}, reverse=True)
     spec = {"kind": "quantize", "model": str(pull(args.model)), "method": args.method, "calib": str(args.calib),
             "calib_n": args.calib_n}
-    results = [run(1, cores, spec, args.work)] + [run(args.procs, t, spec, args.work) for t in counts]
+    results = [run(n, t, spec, args.work) for n in (1, args.procs) for t in counts]
 
     stage = lambda r, k: f"{r['stages'].get(k, float('nan')):.1f}" if "stages" in r else "-"
     rows = []
@@ -77,7 +77,7 @@ def main() -> None:
              f"Command: `python bench/threads.py {' '.join(sys.argv[1:])}`", "",
              f"Run: {environment('cpu')}; {cores} cores available.", "",
              (f"Each process: `{args.method}` on {Path(args.model).name}, {args.calib_n} clips (bench/speed.py's "
-              "quantize job). Processes of one row start together; the first row runs alone."), ""]
+              "quantize job), alone and then `--procs` at once (processes of one row group start together)."), ""]
     lines += table(["processes x threads each", "process", "wall s", "forward s", "statistics s", "solve s",
                     "all done s"], rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
