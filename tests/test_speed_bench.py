@@ -2,6 +2,8 @@
 No timing is asserted (the benchmark reports, it never judges)."""
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,12 +27,19 @@ TINY_SHAPE = dict(d_model=128, encoder_layers=1, decoder_layers=1, encoder_atten
                   num_mel_bins=80, max_source_positions=1500, max_target_positions=448)
 
 
-def test_meter_sees_an_allocation(speed):
-    with speed.Meter() as m:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        x += 1
-    assert m.seconds >= 0 and m.peak_rss >= m.rss_start + 32
-    del x
+def test_meter_sees_an_allocation():
+    """In a fresh process, as the benchmarks measure their jobs: inside a long test session the 64 MiB can
+    come from pages the allocator already holds, and RSS does not move."""
+    code = ("import json, sys, torch; sys.path.insert(0, 'bench'); import speed\n"
+            "with speed.Meter() as m:\n"
+            "    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched\n"
+            "    x += 1\n"
+            "print(json.dumps([m.seconds, m.rss_start, m.peak_rss]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    seconds, rss_start, peak_rss = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seconds >= 0 and peak_rss >= rss_start + 32
 
 
 def test_solver_job_in_its_own_process(speed):
