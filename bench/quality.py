@@ -142,8 +142,8 @@ def write_report(rows: list[dict], args) -> None:
     sets = ["commonvoice-en-100", "ljspeech-holdout"]
     lines = ["# Quality: WER / rare-WER / common-WER (%), W4G128", "",
              f"Command: `python bench/quality.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-             f"Calibration: {args.calib_n} LJSpeech clips (seed {args.seed}); evaluation never on calibration clips. "
-             "Greedy English decoding, Whisper's English normalizer, rare = wordfreq Zipf < 3.", ""]
+             (f"Calibration: {args.calib_n} LJSpeech clips (seed {args.seed}); evaluation never on calibration clips. "
+             "Greedy English decoding, Whisper's English normalizer, rare = wordfreq Zipf < 3."), ""]
     head = "| model | variant | quantize s | " + " | ".join(f"{s} WER | {s} rare-WER | {s} common-WER" for s in sets) + " |"
     lines += [head, "|" + "---|" * (3 + 3 * len(sets))]
     for r in rows:
@@ -159,8 +159,8 @@ def write_report(rows: list[dict], args) -> None:
     by = {(r["model"], r["variant"]): r for r in rows}
     pairs = [(m, a, b) for (m, b) in by for a in ("gptq", "fp") if b.startswith("tarq") and (m, a) in by]
     if pairs:
-        lines += ["", "Paired rare-WER difference, TARQ variant minus baseline, points (95% bootstrap interval "
-                      "over utterances; an interval that holds 0 is no evidence either way):", "",
+        lines += ["", ("Paired rare-WER difference, TARQ variant minus baseline, points (95% bootstrap interval "
+                      "over utterances; an interval that holds 0 is no evidence either way):"), "",
                   "| model | variant | vs | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
         for m, a, b in pairs:
             cells = []
@@ -172,14 +172,21 @@ def write_report(rows: list[dict], args) -> None:
         if r["variant"] == "tarq" and r.get("layers"):
             lams = [x["lambda"] for x in r["layers"] if ".decoder." in x["name"]]
             alphas = [x["alpha"] for x in r["layers"] if x.get("alpha") is not None]
-            lines += ["", f"{r['model']} TARQ per-layer report: decoder lambda {min(lams):.2f}..{max(lams):.2f}, "
-                          f"alpha {min(alphas):.3f}..{max(alphas):.3f}; calibration {r['calibration']}"]
+            lines += ["", (f"{r['model']} TARQ per-layer report: decoder lambda {min(lams):.2f}..{max(lams):.2f}, "
+                          f"alpha {min(alphas):.3f}..{max(alphas):.3f}; calibration {r['calibration']}")]
     (RESULTS / f"quality{suffix(args)}.md").write_text("\n".join(lines) + "\n")
     plot(rows, sets, RESULTS / f"quality{suffix(args)}.png")
 
 
 def suffix(args) -> str:
     return f"-{args.tag}" if args.tag else ""
+
+
+def result_path(model: str, variant: str, calib_n: int, seed: int, args) -> Path:
+    """Where one (model, variant, calibration draw) result is cached; FP is shared across tags."""
+    return RESULTS / "quality" / (
+        f"{model}-{variant}-n{calib_n}-s{seed}-l{args.eval_limit or 'all'}-h{args.holdout_limit or 'all'}"
+        f"{'-bf16' if args.cpu_bf16 else ''}{suffix(args) if variant != 'fp' else ''}.json")
 
 
 def plot(rows: list[dict], sets: list[str], out: Path) -> None:
@@ -251,9 +258,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-            key = cache / (f"{model}-{variant}-n{args.calib_n}-s{args.seed}-l{args.eval_limit or 'all'}"
-                           f"-h{args.holdout_limit or 'all'}{'-bf16' if args.cpu_bf16 else ''}"
-                           f"{suffix(args) if variant != 'fp' else ''}.json")
+            key = result_path(model, variant, args.calib_n, args.seed, args)
             if key.exists() and not args.fresh:
                 rows.append(json.loads(key.read_text()))
                 print(f"  {model} {variant}: cached", flush=True)
