@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import lru_cache
+from typing import Literal
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -67,8 +68,12 @@ class Settings(BaseSettings):
     transcribe_wait_seconds: float = 600.0
     device: str = "auto"  # worker device: auto (cuda if present), cpu, cuda, cuda:1 ...
     # transcription compute dtype (tarq.transcribe.compute_dtype); auto: float16 on CUDA, bfloat16 on
-    # CPUs with native bf16 matmuls, float32 elsewhere
+    # CPUs where a bf16 matmul measures faster (tarq.qlinear.cpu_bf16_pays), float32 elsewhere
     dtype: ComputeDtype = "float32"
+    # whether int4 layers run their CPU dequantize-and-matmul path in bf16. tarq.qlinear reads
+    # TARQ_CPU_BF16 itself (the library runs without the service); declared here so that serve and
+    # worker refuse a bad value at start instead of failing the first job that reaches such a layer
+    cpu_bf16: Literal["auto", "0", "1"] = "auto"
     # Cap on the address space (RLIMIT_AS) each worker pool process may add once its libraries are
     # loaded: a task that needs more fails with "out of memory" and the process lives on. 0: no cap.
     # For CPU workers: CUDA reserves far more address space than it uses, so leave it 0 on GPU hosts.

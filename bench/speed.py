@@ -183,7 +183,7 @@ def job_kernels(device: str = "cpu", rows: tuple[int, ...] = (1, 8, 128, 1500), 
     from tarq.quantizer import rtn
 
     fp = torch.float16 if device.startswith("cuda") else torch.float32
-    saved = QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype
+    saved = QuantLinear.cpu_kernel_max_rows, QuantLinear.dense_dtype()
     paths = {"default": saved}
     if not device.startswith("cuda"):  # the CPU dispatch knobs; CUDA always takes tinygemm
         paths.update({"kernel": (None, saved[1]), "dequant": (0, None), "dequant-bf16": (0, torch.bfloat16)})
@@ -732,18 +732,20 @@ def report_large_quantize(rows: list[dict]) -> list[str]:
 def environment(device: str) -> str:
     import torch
 
-    from tarq.qlinear import QuantLinear, native_cpu_bf16
+    from tarq.qlinear import QuantLinear, cpu_bf16_flags, cpu_bf16_probe
 
     if device.startswith("cuda") and torch.cuda.is_available():
         dev = torch.cuda.get_device_name()
     else:
         caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-        isa = "AMX-BF16" if caps.get("amx_bf16") else "AVX512-BF16" if native_cpu_bf16() else \
+        isa = "AMX-BF16" if caps.get("amx_bf16") else "AVX512-BF16" if cpu_bf16_flags() else \
             "AVX-512, no bf16" if caps.get("avx512_f") else "AVX2, no AVX-512" if caps.get("avx2") else "?"
-        dense = QuantLinear.cpu_dense_dtype
+        dense = QuantLinear.dense_dtype()
+        probe = cpu_bf16_probe()
         dev = (f"CPU {caps.get('cpu_name') or platform.processor() or platform.machine()} ({isa}), "
                f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}; int4 dequant path computes "
-               f"in {str(dense).replace('torch.', '') if dense else 'the input dtype'}")
+               f"in {str(dense).replace('torch.', '') if dense else 'the input dtype'}"
+               + ("" if probe is None else f" (bf16 matmul probe: {probe:.2f}x float32)"))
     try:
         load = ", load average %.1f %.1f %.1f" % os.getloadavg()
     except OSError:
@@ -840,7 +842,7 @@ def main(argv: list[str] | None = None) -> dict:
                 variants = [(model_dir, fp_variant, False), (int4 or model_dir, "int4", int4 is None)]
                 if not args.device.startswith("cuda"):
                     variants.append((int4 or model_dir, "int4-dequant", int4 is None))
-                    if QuantLinear.cpu_dense_dtype is not None:
+                    if QuantLinear.dense_dtype() is not None:
                         # int4 computes in bf16 on this CPU: show what a float model in bf16 does, and
                         # the int4 model with the rest of the network in bf16 as well
                         variants += [(model_dir, "bf16", False), (int4 or model_dir, "int4-bf16", int4 is None)]

@@ -29,7 +29,15 @@ class TarqGroup(click.Group):
         except ValueError as e:
             if type(e) is ValueError:  # our own validation; subclasses from libraries are bugs
                 raise click.ClickException(str(e)) from None
+            if type(e).__module__.startswith("pydantic") and getattr(e, "title", "") == "Settings":
+                raise click.ClickException(_settings_error(e)) from None
             raise
+
+
+def _settings_error(e) -> str:
+    """A rejected TARQ_ environment variable, named as the user set it."""
+    bad = [f"TARQ_{'_'.join(map(str, err['loc'])).upper()}={err.get('input')!r}: {err['msg']}" for err in e.errors()]
+    return "bad setting " + "; ".join(bad)
 
 
 @click.group(cls=TarqGroup)

@@ -20,7 +20,7 @@ Inference dispatch (`QuantLinear.kernel` says which path the last forward took):
                   output is cast back.
   "tinygemm-cuda" 4 bits, trivial g_idx, CUDA sm80+: aten._weight_int4pack_mm (tinygemm, bf16 only: the input
                   is cast to bf16 and the output back to the input dtype)
-  "dequant-bf16"  on CPUs with native bf16 matmuls (`cpu_dense_dtype`), float32 inputs that the kernel does
+  "dequant-bf16"  on CPUs where bf16 matmuls pay (`cpu_dense_dtype`), float32 inputs that the kernel does
                   not take (inputs with more than `cpu_kernel_max_rows` rows, where it is slower than
                   dequantize + GEMM: Whisper's encoder; 3/8 bits; act-order): dequantize to bf16
                   (transient) and matmul in bf16, output cast back.
@@ -31,15 +31,20 @@ state dict.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .quantizer import QuantizedWeight
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("int4pack-cpu", "tinygemm-cuda", "dequant-bf16", "dequant")
 # tinygemm's inner k tiling: K must be a multiple of inner_k_tiles * 16; 8 is what torchao uses.
@@ -84,19 +89,64 @@ def trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
     return bool(torch.equal(g_idx.long(), expected))
 
 
-def native_cpu_bf16() -> bool:
+def cpu_bf16_flags() -> bool:
     """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+# bf16 must beat float32 by this much in the probe before `auto` takes it: the probe is three timings on
+# a possibly busy host, and a wrong yes costs accuracy as well as time
+BF16_MIN_SPEEDUP = 1.15
+
+
+def bf16_matmul_speedup(rows: int = 1500, cols: int = 512, out: int = 2048, reps: int = 3) -> float:
+    """float32 time / bf16 time of one x [rows, cols] @ W^T [cols, out] on this CPU, best of `reps` each
+    after a warm-up. The default is a whisper-base encoder fc1 over one clip's 1500 frames, the matmul
+    that decides whether bf16 pays (decoding steps take the int4 kernel either way)."""
+    g = torch.Generator().manual_seed(0)  # not the global generator: first use must not shift seeded runs
+    x, w = torch.randn(rows, cols, generator=g), torch.randn(out, cols, generator=g)
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = x.to(dtype), w.to(dtype)
+        F.linear(a, b)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            F.linear(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+@functools.cache
+def cpu_bf16_probe() -> float | None:
+    """`bf16_matmul_speedup` measured once per process (a fraction of a second), and only on CPUs with bf16 instructions:
+    where bf16 is emulated it is always slower (None: not measured)."""
+    if not cpu_bf16_flags():
+        return None
+    speedup = bf16_matmul_speedup()
+    log.info("bf16 matmul %.2fx float32 on this CPU: %s", speedup,
+             "using bf16" if speedup >= BF16_MIN_SPEEDUP else f"staying in float32 (below {BF16_MIN_SPEEDUP}x)")
+    return speedup
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether float32 matmuls should run in bf16 on this CPU: it has bf16 instructions and the probe
+    measured bf16 at least BF16_MIN_SPEEDUP x float32. The flags alone do not say it: on a 2-core Intel
+    Xeon with AVX512-BF16 but no AMX, a bf16 whisper-base encoder layer ran at 0.67-0.82x the float32 one."""
+    speedup = cpu_bf16_probe()
+    return speedup is not None and speedup >= BF16_MIN_SPEEDUP
+
+
 def cpu_dense_dtype_from_env() -> torch.dtype | None:
-    """TARQ_CPU_BF16: "auto" (default: bf16 where the CPU has native bf16 matmuls), "1" (always) or "0"
-    (never: dequantized matmuls stay in the input dtype, e.g. for bit-for-bit fp32 comparisons)."""
+    """TARQ_CPU_BF16: "auto" (default: bf16 where `cpu_bf16_pays`), "1" (always) or "0" (never:
+    dequantized matmuls stay in the input dtype, e.g. for bit-for-bit fp32 comparisons)."""
     choice = os.environ.get("TARQ_CPU_BF16", "auto").strip().lower()
     if choice not in ("auto", "0", "1"):
         raise ValueError(f"TARQ_CPU_BF16 must be auto, 0 or 1, not {choice!r}")
-    use = native_cpu_bf16() if choice == "auto" else choice == "1"
+    use = cpu_bf16_pays() if choice == "auto" else choice == "1"
     return torch.bfloat16 if use else None
 
 
@@ -114,11 +164,16 @@ class QuantLinear(nn.Module):
     # Xeon (bench/results/kernels.md), 0.6-1.6x on a 2-core AVX2 EPYC, 2-3x on an AVX-512 Xeon without
     # AMX). None: always use the kernel.
     cpu_kernel_max_rows: int | None = 128
-    # Dtype of the dequantize + matmul path for float32 inputs on CPU: bf16 where the CPU multiplies bf16
-    # natively (AVX512-BF16 / AMX: 2.0-2.2x the fp32 matmul at 1500 rows, kernels.md), float32 elsewhere
-    # (bf16 is emulated there and slower). None: the input dtype. TARQ_CPU_BF16 overrides the choice
-    # (cpu_dense_dtype_from_env).
-    cpu_dense_dtype: torch.dtype | None = cpu_dense_dtype_from_env()
+    # Dtype of the dequantize + matmul path for float32 inputs on CPU: bf16 where it pays here (AMX: 2.0-2.2x
+    # the fp32 matmul at 1500 rows, kernels.md), float32 elsewhere. None: the input dtype. "auto": decided
+    # on first use by TARQ_CPU_BF16 (cpu_dense_dtype_from_env; its probe is not run at import).
+    cpu_dense_dtype: torch.dtype | None | str = "auto"
+
+    @classmethod
+    def dense_dtype(cls) -> torch.dtype | None:
+        if cls.cpu_dense_dtype == "auto":
+            cls.cpu_dense_dtype = cpu_dense_dtype_from_env()
+        return cls.cpu_dense_dtype
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, sym: bool,
                  bias: bool, g_idx: bool = False, scale_dtype: torch.dtype = torch.float32,
@@ -213,7 +268,7 @@ class QuantLinear(nn.Module):
     # -- kernels ------------------------------------------------------------------------------------
     def _kernel_for(self, x: torch.Tensor) -> str:
         on_cpu = x.device.type == "cpu"
-        dense = "dequant-bf16" if on_cpu and x.dtype == torch.float32 and self.cpu_dense_dtype else "dequant"
+        dense = "dequant-bf16" if on_cpu and x.dtype == torch.float32 and self.dense_dtype() else "dequant"
         if self.bits != 4 or self.weight_g_idx is not None:
             return dense
         if on_cpu and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") \
@@ -274,7 +329,7 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed,
                                                    self.group_size, sz)
         else:
-            dtype = self.cpu_dense_dtype if kernel == "dequant-bf16" else x.dtype
+            dtype = self.dense_dtype() if kernel == "dequant-bf16" else x.dtype
             bias = None if self.bias is None else self.bias.to(dtype)
             y = F.linear(x2.to(dtype), self.dequantize(dtype), bias)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

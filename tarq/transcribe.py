@@ -33,18 +33,18 @@ FRAMES_PER_SECOND = 100  # mel frames; OpenAI's `seek` is counted in them
 
 
 def compute_dtype(name: str, device: str) -> torch.dtype:
-    """The dtype a model runs in. "auto": float16 on CUDA, bfloat16 on CPUs that multiply bf16 natively
-    (AVX512-BF16 / AMX: whisper-base transcribes ~2x faster than in float32 there, bench/speed.py),
-    float32 on other CPUs (where bf16 is emulated and slower)."""
+    """The dtype a model runs in. "auto": float16 on CUDA, bfloat16 on CPUs where a bf16 matmul measures
+    faster than float32 (`tarq.qlinear.cpu_bf16_pays`; with AMX whisper-base transcribes ~2x faster,
+    bench/speed.py), float32 on other CPUs."""
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}")
     if name != "auto":
         return getattr(torch, name)
     if str(device).startswith("cuda"):
         return torch.float16
-    from tarq.qlinear import native_cpu_bf16
+    from tarq.qlinear import cpu_bf16_pays
 
-    return torch.bfloat16 if native_cpu_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16_pays() else torch.float32
 
 
 def load(source: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:

@@ -1,5 +1,6 @@
 """The `tarq` command line as a user runs it: real subprocesses, one-line errors, non-zero exits."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -7,9 +8,9 @@ import sys
 import pytest
 
 
-def tarq(*args, timeout=600):
+def tarq(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "tarq.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
 def one_line_error(proc, *needles):
@@ -68,6 +69,11 @@ def test_errors_are_one_line(tiny_whisper_dir, calib_dir, tmp_path):
     fake.write_bytes(b"\x00" * 100)
     one_line_error(tarq("transcribe", tiny_whisper_dir, fake), "fake.mp3")
     one_line_error(tarq("transcribe", tiny_whisper_dir, fake, "--dtype", "int8"), "--dtype", "'int8' is not one of")
+    # settings from the environment: refused at start, named as set
+    data = tmp_path / "data"
+    for var, value in (("TARQ_CPU_BF16", "yes"), ("TARQ_DTYPE", "int8")):
+        one_line_error(tarq("serve", "--port", 0, timeout=120, env={var: value, "TARQ_DATA_DIR": str(data)}),
+                       f"bad setting {var}='{value}'", "Input should be")
 
 
 def test_eval_writes_json(short_whisper_dir, calib_dir, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -145,17 +146,67 @@ def test_many_rows_on_a_bf16_cpu_take_the_bf16_dense_path(monkeypatch):
 
 
 def test_tarq_cpu_bf16_setting(monkeypatch):
-    from tarq.qlinear import cpu_dense_dtype_from_env, native_cpu_bf16
+    from tarq.qlinear import cpu_bf16_pays, cpu_dense_dtype_from_env
 
     monkeypatch.setenv("TARQ_CPU_BF16", "0")
     assert cpu_dense_dtype_from_env() is None
     monkeypatch.setenv("TARQ_CPU_BF16", "1")
     assert cpu_dense_dtype_from_env() is torch.bfloat16
     monkeypatch.setenv("TARQ_CPU_BF16", "auto")
-    assert (cpu_dense_dtype_from_env() is torch.bfloat16) == native_cpu_bf16()
+    assert (cpu_dense_dtype_from_env() is torch.bfloat16) == cpu_bf16_pays()
     monkeypatch.setenv("TARQ_CPU_BF16", "yes")
     with pytest.raises(ValueError, match="TARQ_CPU_BF16 must be auto, 0 or 1, not 'yes'"):
         cpu_dense_dtype_from_env()
+    # the class resolves "auto" on first use, from the environment of that moment
+    monkeypatch.setattr(QuantLinear, "cpu_dense_dtype", "auto")
+    monkeypatch.setenv("TARQ_CPU_BF16", "1")
+    assert QuantLinear.dense_dtype() is torch.bfloat16 and QuantLinear.cpu_dense_dtype is torch.bfloat16
+
+
+@pytest.fixture
+def fresh_probe():
+    from tarq import qlinear
+
+    qlinear.cpu_bf16_probe.cache_clear()
+    yield qlinear
+    qlinear.cpu_bf16_probe.cache_clear()
+
+
+def test_bf16_auto_follows_the_probe_not_the_flags(monkeypatch, fresh_probe, caplog):
+    q = fresh_probe
+    # no bf16 instructions: bf16 is emulated, nothing is measured
+    monkeypatch.setattr(q, "cpu_bf16_flags", lambda: False)
+    monkeypatch.setattr(q, "bf16_matmul_speedup", lambda: pytest.fail("probed a CPU without bf16"))
+    assert q.cpu_bf16_probe() is None and not q.cpu_bf16_pays()
+    # flags, but bf16 measured slower (the AVX512-BF16 Xeon without AMX): float32 stays
+    monkeypatch.setattr(q, "cpu_bf16_flags", lambda: True)
+    for speedup, pays in ((0.75, False), (1.1, False), (2.1, True)):
+        q.cpu_bf16_probe.cache_clear()
+        monkeypatch.setattr(q, "bf16_matmul_speedup", lambda s=speedup: s)
+        monkeypatch.setenv("TARQ_CPU_BF16", "auto")
+        with caplog.at_level("INFO", logger="tarq.qlinear"):
+            assert q.cpu_bf16_pays() is pays
+            assert (q.cpu_dense_dtype_from_env() is torch.bfloat16) is pays
+        assert f"bf16 matmul {speedup:.2f}x float32" in caplog.text
+    # measured once per process
+    monkeypatch.setattr(q, "bf16_matmul_speedup", lambda: pytest.fail("probed twice"))
+    assert q.cpu_bf16_pays()
+
+
+def test_bf16_probe_measures_this_cpu():
+    from tarq.qlinear import bf16_matmul_speedup
+
+    speedup = bf16_matmul_speedup(rows=64, cols=128, out=256, reps=2)
+    assert math.isfinite(speedup) and speedup > 0
+
+
+def test_importing_runs_no_probe():
+    import subprocess
+    import sys
+
+    code = ("import tarq.qlinear as q; assert q.QuantLinear.cpu_dense_dtype == 'auto'; "
+            "assert q.cpu_bf16_probe.cache_info().currsize == 0")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_dequantize_matches_the_quantized_weight_exactly():

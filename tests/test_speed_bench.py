@@ -53,7 +53,7 @@ def test_solver_job_in_its_own_process(speed):
 
 
 def test_kernels_job_times_every_cpu_path(speed):
-    saved = QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype
+    saved = QuantLinear.cpu_kernel_max_rows, QuantLinear.dense_dtype()
     res = speed.job_kernels(rows=(1, 200), reps=1)
     assert (QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype) == saved  # knobs restored
     assert len(res["layers"]) == 2 * len(speed.KERNEL_SHAPES_BASE)
@@ -84,7 +84,7 @@ def test_quantize_and_transcribe_jobs(speed, tiny_whisper_dir, calib_dir, tmp_pa
     assert all(run["kernels"] == {} for run in fp["runs"].values())
     # decoding rows (one token at a time) take the CPU int4 kernel, the 1500-frame encoder a dequant path
     # (in bf16 where the CPU has bf16 matmuls)
-    dense = "dequant-bf16" if QuantLinear.cpu_dense_dtype else "dequant"
+    dense = "dequant-bf16" if QuantLinear.dense_dtype() else "dequant"
     for run in q["runs"].values():
         assert run["kernels"].get("int4pack-cpu", 0) > 0 and run["kernels"].get(dense, 0) > 0
     # W4G128 asymmetric: 4 bits + (32-bit scale + 4-bit zero) / 128 per weight, against 32 bits

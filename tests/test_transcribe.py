@@ -147,12 +147,12 @@ def test_bad_audio(tiny):
 def test_compute_dtype():
     import torch
 
-    from tarq.qlinear import native_cpu_bf16
+    from tarq.qlinear import cpu_bf16_pays
     from tarq.transcribe import compute_dtype
 
     assert compute_dtype("float32", "cpu") is torch.float32 and compute_dtype("bfloat16", "cuda") is torch.bfloat16
     assert compute_dtype("auto", "cuda:1") is torch.float16
-    assert compute_dtype("auto", "cpu") is (torch.bfloat16 if native_cpu_bf16() else torch.float32)
+    assert compute_dtype("auto", "cpu") is (torch.bfloat16 if cpu_bf16_pays() else torch.float32)
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, auto, not 'int8'"):
         compute_dtype("int8", "cpu")
     # the CLI offers exactly the dtypes compute_dtype takes

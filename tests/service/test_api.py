@@ -438,3 +438,8 @@ def test_transcription_dtype_setting_is_checked(monkeypatch, tmp_path):
     assert Settings(data_dir=tmp_path).dtype == "auto"
     monkeypatch.delenv("TARQ_DTYPE")
     assert Settings(data_dir=tmp_path).dtype == "float32"
+    monkeypatch.setenv("TARQ_CPU_BF16", "yes")
+    with pytest.raises(ValidationError, match="cpu_bf16"):
+        Settings(data_dir=tmp_path)
+    monkeypatch.setenv("TARQ_CPU_BF16", "0")
+    assert Settings(data_dir=tmp_path).cpu_bf16 == "0"
