@@ -238,8 +238,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="cache and report quantized variants apart under this name")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--cpu-bf16", action="store_true",
-                    help="let int4 models run their dequantized (encoder) matmuls in bf16 where the CPU has "
-                         "native bf16, as inference does; off by default so every host scores the "
+                    help="let int4 models run their dequantized (encoder) matmuls in bf16 where bf16 pays on "
+                         "this CPU (TARQ_CPU_BF16=auto), as inference does; off by default so every host scores the "
                          "quantization alone, in fp32 like the FP baseline")
     args = ap.parse_args()
 

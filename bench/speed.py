@@ -269,6 +269,36 @@ def kernel_counter(model):
     return counts, lambda: [h.remove() for h in handles]
 
 
+def time_split(model):
+    """Forward hooks timing, on CPU, where transcription spends its time: the encoder, the decoder's
+    Linear / QuantLinear layers, the output projection (proj_out: tied to the token embeddings, float in
+    every variant) and the rest (attention, norms, generate's own work). Returns (seconds, remove);
+    "rest" is filled in by the caller from the wall time."""
+    from torch import nn
+
+    from tarq.qlinear import QuantLinear
+
+    seconds: dict[str, float] = {"encoder": 0.0, "decoder layers": 0.0, "proj_out": 0.0}
+    started: dict[int, float] = {}
+    handles = []
+
+    def watch(module, part):
+        def pre(mod, _args):
+            started[id(mod)] = time.perf_counter()
+
+        def post(mod, _args, _out):
+            seconds[part] += time.perf_counter() - started.pop(id(mod))
+
+        handles.extend([module.register_forward_pre_hook(pre), module.register_forward_hook(post)])
+
+    watch(model.model.encoder, "encoder")
+    watch(model.proj_out, "proj_out")
+    for m in model.model.decoder.modules():
+        if isinstance(m, (nn.Linear, QuantLinear)):
+            watch(m, "decoder layers")
+    return seconds, lambda: [h.remove() for h in handles]
+
+
 def clips(audio_dir: str, n: int) -> list[str]:
     from tarq.audio import list_audio
 
@@ -350,11 +380,20 @@ def _transcribe(source, variant, audios, seconds_audio, fp_dtype, device, batch_
         runs[str(bs)] = {"seconds": m.seconds, "rtf": m.seconds / seconds_audio, "tokens": tokens,
                          "peak_rss_mb": m.peak_rss, "peak_cuda_mb": m.peak_cuda, "kernels": dict(counts)}
     remove()
+    split = None
+    if not device.startswith("cuda"):  # hooks time CPU work only: on CUDA they would time kernel launches
+        # one more pass at batch 1, apart from the timed runs (the hooks cost a little per call)
+        seconds, remove = time_split(model)
+        start = time.perf_counter()
+        transcribe_batch(model, processor, audios, batch_size=1)
+        wall = time.perf_counter() - start
+        remove()
+        split = {**seconds, "rest": wall - sum(seconds.values()), "wall": wall}
     out = {"model": Path(source).name, "variant": variant + (" (RTN in memory)" if rtn_in_memory else ""),
            "device": device, "clips": len(audios),
            "audio_seconds": seconds_audio, "load_seconds": load_m.seconds, "runs": runs,
            "model_bytes": tensor_bytes(model), "warmup_kernels": warm_counts,
-           "texts": texts}
+           "texts": texts, "time_split": split}
     if variant.startswith("int4"):
         out.update(quantized_layer_bytes(model, torch.finfo(fp_dtype).bits // 8))
     return out
@@ -600,7 +639,7 @@ def report_kernels(res: dict) -> list[str]:
                     for r in res["layers"]])
     lines += ["", "kernel: the int4 kernel at any row count; dequant: dequantize + matmul in the input dtype; "
                   "dequant-bf16: the same in bf16; default: what QuantLinear picks (the int4 kernel up to "
-                  "`cpu_kernel_max_rows` rows, then dequantize + matmul, in bf16 where the CPU has native bf16)."]
+                  "`cpu_kernel_max_rows` rows, then dequantize + matmul, in bf16 where bf16 pays on this CPU)."]
     return lines
 
 
@@ -663,6 +702,16 @@ def report_transcribe(rows: list[dict]) -> list[str]:
                           f(r["kernel_cache_bytes"] / 2**20, "{:.1f}")])
     lines += table(["model", "variant", "batch", "clips / audio", "RTF", "speed-up vs float", "ms / output token",
                     "peak RSS MiB", "peak CUDA MiB", "texts = float's", "QuantLinear calls by kernel"], out)
+    splits = [r for r in rows if "error" not in r and r.get("time_split")]
+    if splits:
+        lines += ["", "Where batch-1 transcription spends its time (CPU; one more pass over the same clips with "
+                      "forward hooks; seconds and share of that pass). proj_out is the output projection onto the "
+                      "vocabulary, tied to the token embeddings and float in every variant:", ""]
+        parts = ["encoder", "decoder layers", "proj_out", "rest"]
+        lines += table(["model", "variant", "wall s"] + parts,
+                       [[r.get("base_model", r["model"]), r["variant"], f(r["time_split"]["wall"], "{:.1f}")]
+                        + [f"{r['time_split'][k]:.2f} ({100 * r['time_split'][k] / r['time_split']['wall']:.0f}%)"
+                           for k in parts] for r in splits])
     if sizes:
         lines += ["", "Weight memory (MiB): quantized Linear layers as stored vs the same layers in float; whole "
                       "model (parameters + buffers, embeddings stay float); kernel layouts built at run time:", ""]

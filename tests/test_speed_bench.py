@@ -81,6 +81,10 @@ def test_quantize_and_transcribe_jobs(speed, tiny_whisper_dir, calib_dir, tmp_pa
     for r in (fp, q):
         assert set(r["runs"]) == {"1", "2"} and all(run["rtf"] > 0 for run in r["runs"].values())
         assert len(r["texts"]) == 2
+        # every part was timed, and the parts do not overlap: what is left of the wall time is >= 0
+        split = r["time_split"]
+        assert all(split[k] > 0 for k in ("encoder", "decoder layers", "proj_out")) and split["rest"] >= 0
+        assert split["wall"] == pytest.approx(sum(split[k] for k in ("encoder", "decoder layers", "proj_out", "rest")))
     assert all(run["kernels"] == {} for run in fp["runs"].values())
     # decoding rows (one token at a time) take the CPU int4 kernel, the 1500-frame encoder a dequant path
     # (in bf16 where the CPU has bf16 matmuls)
@@ -99,6 +103,7 @@ def test_quantize_and_transcribe_jobs(speed, tiny_whisper_dir, calib_dir, tmp_pa
     speed.write_report(results, out)
     text = out.read_text()
     assert "| tiny | int4 | 1 |" in text and "failed: boom" in text and "vs GPTQ" in text
+    assert "Where batch-1 transcription spends its time" in text
     assert "texts" not in json.loads(out.with_suffix(".json").read_text())["transcribe"][0]
 
 
