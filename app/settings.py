@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import lru_cache
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict

@@ -122,8 +122,8 @@ def bf16_matmul_speedup(rows: int = 1500, cols: int = 512, out: int = 2048, reps
 
 @functools.cache
 def cpu_bf16_probe() -> float | None:
-    """`bf16_matmul_speedup` measured once per process (a fraction of a second), and only on CPUs with bf16 instructions:
-    where bf16 is emulated it is always slower (None: not measured)."""
+    """`bf16_matmul_speedup` measured once per process (a fraction of a second), and only on CPUs with
+    bf16 instructions: where bf16 is emulated it is always slower (None: not measured)."""
     if not cpu_bf16_flags():
         return None
     speedup = bf16_matmul_speedup()
