@@ -1,7 +1,7 @@
 """How much of a TARQ-vs-GPTQ difference is the calibration draw?
 
     python bench/seeds.py --models whisper-tiny.en --seeds 0,1,2,3,4
-    python bench/seeds.py --models whisper-base --seeds 0,1,2,3 --work .cache/bench-base
+    python bench/seeds.py --models whisper-base --seeds 0,1,2,3,4 --work .cache/bench-base
 
 bench/quality.py's bootstrap intervals resample the evaluation utterances, not the quantizer: a GPTQ run
 on another draw of calibration clips flips other roundings, and on sets with 39 and 119 rare words a
