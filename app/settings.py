@@ -12,12 +12,11 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tarq.config import ComputeDtype
+from tarq.config import ComputeDtype, CpuBf16
 
 QUEUES = ("quantize", "transcribe")
 
@@ -73,7 +72,7 @@ class Settings(BaseSettings):
     # whether int4 layers run their CPU dequantize-and-matmul path in bf16. tarq.qlinear reads
     # TARQ_CPU_BF16 itself (the library runs without the service); declared here so that serve and
     # worker refuse a bad value at start instead of failing the first job that reaches such a layer
-    cpu_bf16: Literal["auto", "0", "1"] = "auto"
+    cpu_bf16: CpuBf16 = "auto"
     # Cap on the address space (RLIMIT_AS) each worker pool process may add once its libraries are
     # loaded: a task that needs more fails with "out of memory" and the process lives on. 0: no cap.
     # For CPU workers: CUDA reserves far more address space than it uses, so leave it 0 on GPU hosts.

@@ -12,6 +12,9 @@ Sequential = Literal["block", "layer"]
 # the CLI and the service settings
 ComputeDtype = Literal["float32", "bfloat16", "float16", "auto"]
 DTYPES: tuple[str, ...] = get_args(ComputeDtype)
+# TARQ_CPU_BF16 (tarq.qlinear.cpu_dense_dtype_from_env), for the service settings too
+CpuBf16 = Literal["auto", "0", "1"]
+CPU_BF16_CHOICES: tuple[str, ...] = get_args(CpuBf16)
 
 
 @dataclass(frozen=True)

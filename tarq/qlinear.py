@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CPU_BF16_CHOICES
 from .quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def cpu_dense_dtype_from_env() -> torch.dtype | None:
     """TARQ_CPU_BF16: "auto" (default: bf16 where `cpu_bf16_pays`), "1" (always) or "0" (never:
     dequantized matmuls stay in the input dtype, e.g. for bit-for-bit fp32 comparisons)."""
     choice = os.environ.get("TARQ_CPU_BF16", "auto").strip().lower()
-    if choice not in ("auto", "0", "1"):
+    if choice not in CPU_BF16_CHOICES:
         raise ValueError(f"TARQ_CPU_BF16 must be auto, 0 or 1, not {choice!r}")
     use = cpu_bf16_pays() if choice == "auto" else choice == "1"
     return torch.bfloat16 if use else None
