@@ -256,19 +256,6 @@ def quantized_layer_bytes(model, fp_bytes_per_weight: int) -> dict:
     return {"int4_linear_bytes": q, "fp_linear_bytes": fp, "kernel_cache_bytes": cache}
 
 
-def kernel_counter(model):
-    """Forward hooks counting which QuantLinear.kernel path each call took; returns (counts, remove)."""
-    from tarq.qlinear import QuantLinear
-
-    counts: dict[str, int] = {}
-
-    def hook(mod, _args, _out):
-        counts[mod.kernel] = counts.get(mod.kernel, 0) + 1
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
-    return counts, lambda: [h.remove() for h in handles]
-
-
 def time_split(model):
     """Forward hooks timing, on CPU, where transcription spends its time: the encoder, the decoder's
     Linear / QuantLinear layers, the output projection (proj_out: tied to the token embeddings, float in
@@ -343,6 +330,7 @@ def _transcribe(source, variant, audios, seconds_audio, fp_dtype, device, batch_
                 rtn_in_memory) -> dict:
     import torch
 
+    from tarq.qlinear import counting_kernels
     from tarq.transcribe import transcribe_batch
 
     with Meter(device) as load_m:
@@ -367,19 +355,17 @@ def _transcribe(source, variant, audios, seconds_audio, fp_dtype, device, batch_
         model.eval()
     if max_new_tokens is not None:
         model.generation_config.max_new_tokens = max_new_tokens
-    counts, remove = kernel_counter(model)
-    transcribe_batch(model, processor, audios[:1], batch_size=1)  # warm-up: kernel layouts, allocator
-    warm_counts = dict(counts)
+    with counting_kernels(model) as warm_counts:
+        transcribe_batch(model, processor, audios[:1], batch_size=1)  # warm-up: kernel layouts, allocator
     runs = {}
     texts = None
     for bs in batch_sizes:
-        counts.clear()
-        with Meter(device) as m:
-            texts = transcribe_batch(model, processor, audios, batch_size=bs)
+        with counting_kernels(model) as counts:
+            with Meter(device) as m:
+                texts = transcribe_batch(model, processor, audios, batch_size=bs)
         tokens = sum(len(processor.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
         runs[str(bs)] = {"seconds": m.seconds, "rtf": m.seconds / seconds_audio, "tokens": tokens,
-                         "peak_rss_mb": m.peak_rss, "peak_cuda_mb": m.peak_cuda, "kernels": dict(counts)}
-    remove()
+                         "peak_rss_mb": m.peak_rss, "peak_cuda_mb": m.peak_cuda, "kernels": counts}
     split = None
     if not device.startswith("cuda"):  # hooks time CPU work only: on CUDA they would time kernel launches
         # one more pass at batch 1, apart from the timed runs (the hooks cost a little per call)
@@ -514,12 +500,11 @@ def _time_generate(model, variant: str, tokens: int, batch_sizes, reps: int, dev
                    compile_backend: str = "inductor") -> dict:
     import torch
 
-    from tarq.qlinear import QuantLinear
+    from tarq.qlinear import QuantLinear, counting_kernels
 
     cfg = model.config
-    # Eager: hooks count every QuantLinear call. Compiled: hooks would be traced into the graph (and CUDA
-    # graph replays run no Python), so report the path each layer took last instead.
-    counts, remove = kernel_counter(model) if variant == "eager" else ({}, lambda: None)
+    # Eager: every QuantLinear call is counted. Compiled: calls inside a graph are not (and CUDA graph
+    # replays run no Python), so report the path each layer took last instead.
     if variant == "compiled":
         # transformers' own path: with a static cache, generate compiles the decoding step (not the
         # prefill) with this config; reduce-overhead = CUDA graphs.
@@ -531,32 +516,33 @@ def _time_generate(model, variant: str, tokens: int, batch_sizes, reps: int, dev
         model.generation_config.cache_implementation = "static"
         model.generation_config.compile_config = cc
     rows = {}
-    for bs in batch_sizes:
-        feats = torch.randn(bs, cfg.num_mel_bins, 3000, device=device, dtype=dtype)
+    with counting_kernels(model) as eager_counts:
+        for bs in batch_sizes:
+            feats = torch.randn(bs, cfg.num_mel_bins, 3000, device=device, dtype=dtype)
 
-        def encode(feats=feats):
-            with torch.inference_mode():
-                model.model.encoder(feats)
+            def encode(feats=feats):
+                with torch.inference_mode():
+                    model.model.encoder(feats)
 
-        def generate(feats=feats):
-            with torch.inference_mode():
-                return model.generate(feats, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                      num_beams=1, return_timestamps=False)
+            def generate(feats=feats):
+                with torch.inference_mode():
+                    return model.generate(feats, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                          num_beams=1, return_timestamps=False)
 
-        t = time.perf_counter()
-        out = generate()  # warm-up (and, compiled, the compilation)
-        sync(device)
-        first = time.perf_counter() - t
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        enc = timed(encode, device, reps)
-        gen = timed(generate, device, reps, warmup=0)
-        seq = out.sequences if hasattr(out, "sequences") else out
-        rows[str(bs)] = {"encoder_s": enc, "generate_s": gen, "first_call_s": first,
-                         "ms_per_token": 1000 * max(gen - enc, 0.0) / tokens, "sequence_length": int(seq.shape[-1]),
-                         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20
-                         if device.startswith("cuda") else None}
-    remove()
+            t = time.perf_counter()
+            out = generate()  # warm-up (and, compiled, the compilation)
+            sync(device)
+            first = time.perf_counter() - t
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            enc = timed(encode, device, reps)
+            gen = timed(generate, device, reps, warmup=0)
+            seq = out.sequences if hasattr(out, "sequences") else out
+            rows[str(bs)] = {"encoder_s": enc, "generate_s": gen, "first_call_s": first,
+                             "ms_per_token": 1000 * max(gen - enc, 0.0) / tokens, "sequence_length": int(seq.shape[-1]),
+                             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20
+                             if device.startswith("cuda") else None}
+    counts = eager_counts if variant == "eager" else {}
     if variant != "eager":
         for m in model.modules():
             if isinstance(m, QuantLinear) and m.kernel:

@@ -52,6 +52,7 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
     under a `==> file <==` header (text formats)."""
     from tarq.audio import load_audio
     from tarq.formats import render
+    from tarq.qlinear import counting_kernels
     from tarq.transcribe import load
     from tarq.transcribe import transcribe as run
 
@@ -62,12 +63,15 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
         loaded_model, processor = load(model, device=device, dtype=dtype)
         granularities = ("segment", "word") if word_timestamps else ("segment",)
         bodies = {}
-        for name, clip in clips.items():
-            transcript = run(loaded_model, processor, clip, language=language, prompt=prompt,
-                             temperature=temperature, word_timestamps=word_timestamps)
-            bodies[name] = render(transcript, fmt, granularities=granularities)[0]
+        with counting_kernels(loaded_model) as kernels:
+            for name, clip in clips.items():
+                transcript = run(loaded_model, processor, clip, language=language, prompt=prompt,
+                                 temperature=temperature, word_timestamps=word_timestamps)
+                bodies[name] = render(transcript, fmt, granularities=granularities)[0]
     except TarqError as e:
         raise click.ClickException(str(e)) from None
+    if kernels:  # on stderr: stdout stays the transcript alone
+        click.echo("int4 layers ran: " + ", ".join(f"{k} {n} calls" for k, n in kernels.items()), err=True)
     if fmt in ("json", "verbose_json"):
         out = next(iter(bodies.values())) if len(bodies) == 1 else bodies
         click.echo(json.dumps(out, indent=2, ensure_ascii=False))

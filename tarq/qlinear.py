@@ -12,7 +12,8 @@ what it means to us:
   weight_shape       int64 [2]: (out, in)
 The library dequantizes as (q_signed - zero_signed) * scale = (q - z) * scale: GPTQ's scale * (code - zero).
 
-Inference dispatch (`QuantLinear.kernel` says which path the last forward took):
+Inference dispatch (`QuantLinear.kernel` says which path the last forward took, `QuantLinear.calls` counts
+them; `counting_kernels(model)` sums the calls of one run, which the CLI, the worker and the API report):
   "int4pack-cpu"  4 bits, trivial g_idx, CPU: aten._weight_int4pack_mm_for_cpu. The op accepts fp32/fp16/
                   bf16 activations, but on torch 2.13 only bf16 takes its fast path (fp32 and fp16 run
                   ~30-90x slower than bf16, slower than a dense fp32 matmul), so activations are cast to
@@ -37,6 +38,9 @@ import math
 import os
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +212,7 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.kernel: str | None = None  # the path the last forward took
+        self.calls: Counter[str] = Counter()  # forwards by path since the layer was built (`kernel_calls`)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -318,6 +323,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel_for(x)
         self.kernel = kernel
+        if not torch.compiler.is_compiling():
+            # a traced graph would guard on the count's value and recompile at every call
+            self.calls[kernel] += 1
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if kernel == "int4pack-cpu":
@@ -344,6 +352,30 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}, "
                 f"act_order={self.weight_g_idx is not None}")
+
+
+def kernel_calls(model: nn.Module) -> dict[str, int]:
+    """The model's QuantLinear forwards so far, by kernel path, summed over its layers (calls made inside a
+    torch.compile'd graph are not counted)."""
+    total: Counter[str] = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total.update(module.calls)
+    return dict(total)
+
+
+@contextmanager
+def counting_kernels(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Yields a dict that, once the block ends, holds the QuantLinear forwards made in it by kernel path
+    (empty for a model without quantized layers). Another thread running the same model at the same
+    time would add its calls."""
+    counts: dict[str, int] = {}
+    before = kernel_calls(model)
+    try:
+        yield counts
+    finally:
+        after = kernel_calls(model)
+        counts.update({k: n - before.get(k, 0) for k, n in sorted(after.items()) if n > before.get(k, 0)})
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

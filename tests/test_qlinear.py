@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from tarq.qlinear import QuantLinear, pack, pack_zero, replace_linears, trivial_g_idx, unpack, unpack_zero
+from tarq.qlinear import (QuantLinear, counting_kernels, kernel_calls, pack, pack_zero, replace_linears, trivial_g_idx,
+                          unpack, unpack_zero)
 from tarq.quantizer import QuantizedWeight, rtn
 
 HAS_CPU_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -128,6 +129,42 @@ def test_many_rows_switch_to_dequant_unless_forced(monkeypatch):
     assert rel(layer(x), ref) < 1e-6 and layer.kernel == "dequant"
     monkeypatch.setattr(QuantLinear, "cpu_kernel_max_rows", None)
     assert rel(layer(x), ref) < 1e-2 and layer.kernel == "int4pack-cpu"
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch has no CPU int4 kernel")
+def test_calls_are_counted_by_the_path_they_took(monkeypatch):
+    monkeypatch.setattr(QuantLinear, "cpu_dense_dtype", None)
+    model = nn.Sequential(QuantLinear.from_quantized(rtn(torch.randn(128, 256), 4, 128, sym=False)),
+                          QuantLinear.from_quantized(rtn(torch.randn(256, 128), 4, 128, sym=True)), nn.Linear(256, 8))
+    many = QuantLinear.cpu_kernel_max_rows + 1
+    model(torch.randn(3, 256))  # before the block: not counted in it
+    with counting_kernels(model) as counts:
+        for rows in (1, 2, many):
+            model(torch.randn(rows, 256))
+        assert counts == {}  # filled when the block ends
+    assert counts == {"int4pack-cpu": 4, "dequant": 2}
+    assert kernel_calls(model) == {"int4pack-cpu": 6, "dequant": 2}
+    with counting_kernels(nn.Sequential(nn.Linear(4, 4))) as none:
+        pass
+    assert none == {}
+
+
+def test_compiled_forwards_do_not_recompile_for_the_count(monkeypatch):
+    """The count lives outside traced graphs: a graph that read it would guard on its value and
+    recompile at every call (the GPU check's compiled decoding runs QuantLinear under torch.compile)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(QuantLinear, "cpu_dense_dtype", None)  # "auto" would probe the CPU inside the trace
+    torch._dynamo.reset()
+    layer = QuantLinear.from_quantized(rtn(torch.randn(64, 256), 4, 128, sym=False))
+    x = torch.randn(2, 256)
+    layer(x)  # builds the kernel layout (a cache miss in the first graph would recompile once, rightly)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(4):
+            y = compiled(x)
+    assert rel(y, x @ layer.dequantize().T) < 1e-2
+    assert kernel_calls(layer) == {layer.kernel: 1}  # the eager call only
 
 
 def test_many_rows_on_a_bf16_cpu_take_the_bf16_dense_path(monkeypatch):

@@ -6,8 +6,9 @@ cancel request, runs tarq.pipeline.quantize_model with progress written to SQL, 
 and ends the job succeeded | failed | cancelled. A redelivered or duplicate message finds nothing to
 claim and returns.
 
-tarq.transcribe(payload): a model cache per process; returns {"transcript": Transcript.to_dict()} or
-{"error": {"type", "message"}} for a user error, so the API can answer 422 with the message.
+tarq.transcribe(payload): a model cache per process; returns {"transcript": Transcript.to_dict(), "kernels":
+{path: QuantLinear calls}} or {"error": {"type", "message"}} for a user error, so the API can answer 422
+with the message.
 """
 from __future__ import annotations
 
@@ -194,6 +195,7 @@ def _jsonable(value):
 def transcribe(self, payload: dict) -> dict:
     from tarq.audio import load_audio
     from tarq.errors import TarqError
+    from tarq.qlinear import counting_kernels
     from tarq.transcribe import ModelCache
     from tarq.transcribe import transcribe as run
 
@@ -210,10 +212,12 @@ def transcribe(self, payload: dict) -> dict:
         loaded, processor = _cache.get(str(source), device(), settings.dtype)
         audio = load_audio(storage().get_bytes(payload["audio_key"]), name=payload.get("name"),
                            max_seconds=settings.max_audio_seconds)
-        transcript = run(loaded, processor, audio, language=payload.get("language"), prompt=payload.get("prompt"),
-                         temperature=float(payload.get("temperature") or 0.0),
-                         word_timestamps=bool(payload.get("word_timestamps")))
-        return {"transcript": transcript.to_dict()}
+        # a pool process runs one task at a time: the calls counted are this request's
+        with counting_kernels(loaded) as kernels:
+            transcript = run(loaded, processor, audio, language=payload.get("language"),
+                             prompt=payload.get("prompt"), temperature=float(payload.get("temperature") or 0.0),
+                             word_timestamps=bool(payload.get("word_timestamps")))
+        return {"transcript": transcript.to_dict(), "kernels": kernels}
     except TarqError as err:
         return {"error": {"type": type(err).__name__, "message": str(err)}}
     except FileNotFoundError as err:

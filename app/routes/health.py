@@ -25,6 +25,8 @@ JOBS_SUBMITTED = Counter("tarq_jobs_submitted_total", "Quantization jobs accepte
 TRANSCRIBE_SECONDS = Histogram("tarq_transcription_seconds", "Transcription latency seen by the API",
                                buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
 JOBS = Gauge("tarq_jobs", "Quantization jobs by status", ["status"])
+KERNEL_CALLS = Counter("tarq_quantlinear_calls_total",
+                       "Quantized Linear forwards in the transcriptions this API answered, by kernel path", ["kernel"])
 
 
 def check_database(settings: Settings) -> None:

@@ -1,7 +1,10 @@
 """POST /v1/audio/transcriptions, shaped like OpenAI's so the official client works unmodified.
 
 The API checks the upload, stores it, sends `tarq.transcribe` by name to the `transcribe` queue and
-waits for the worker's Transcript, which it renders with tarq.formats (torch-free)."""
+waits for the worker's Transcript, which it renders with tarq.formats (torch-free). For a quantized
+model the `X-Tarq-Kernels` header says which kernel paths its int4 layers ran, with their call counts
+(tarq.qlinear), e.g. `dequant=24, int4pack-cpu=1440`: an int4 model on the dequantize fallback
+everywhere is slower than the float one, and this is where an operator sees it."""
 from __future__ import annotations
 
 import logging
@@ -22,6 +25,7 @@ from app.uploads import Budget, check_audio, check_model_source, copy_limited, s
 log = logging.getLogger("tarq.api")
 router = APIRouter(prefix="/v1/audio", tags=["audio"], responses=ERROR_RESPONSES)
 WHISPER_1 = "whisper-1"
+KERNELS_HEADER = "X-Tarq-Kernels"
 
 
 def resolve_model(model: str, settings: Settings, engine) -> dict:
@@ -110,15 +114,20 @@ def create_transcription(
                 pass
     finally:
         storage.delete(f"tmp/{request_id}")
-    from app.routes.health import TRANSCRIBE_SECONDS
+    from app.routes.health import KERNEL_CALLS, TRANSCRIBE_SECONDS
 
     TRANSCRIBE_SECONDS.observe(time.perf_counter() - started)
+    kernels = {str(k): int(n) for k, n in (answer.get("kernels") or {}).items()}
+    for kernel, calls in kernels.items():
+        KERNEL_CALLS.labels(kernel=kernel).inc(calls)
     if "error" in answer:
         err = answer["error"]
         status = 422 if err.get("type") in ("AudioError", "ModelError", "CalibrationError") else 500
         raise ApiError(status, err.get("message", "transcription failed"), param="file" if status == 422 else None,
                        code=err.get("type"))
     body, media = render(Transcript.from_dict(answer["transcript"]), response_format, granularities=granularities)
+    # an RFC 8941 dictionary: the paths are lower-case tokens
+    headers = {KERNELS_HEADER: ", ".join(f"{k}={n}" for k, n in sorted(kernels.items()))} if kernels else None
     if isinstance(body, dict):
-        return JSONResponse(body)
-    return PlainTextResponse(body, media_type=media)
+        return JSONResponse(body, headers=headers)
+    return PlainTextResponse(body, media_type=media, headers=headers)

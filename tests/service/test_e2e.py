@@ -78,6 +78,7 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
     with open(clips[1], "rb") as f:  # a base model folder under TARQ_MODEL_ROOTS works too
         text = oai.audio.transcriptions.create(model="tiny-whisper", file=f, response_format="text")
     assert isinstance(text, str)
+    check_kernels_reported(client, made[0][1], clips[0])
     with pytest.raises(openai.NotFoundError):
         with open(clips[1], "rb") as f:
             oai.audio.transcriptions.create(model="no-such-model", file=f)
@@ -88,6 +89,27 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
         assert oai.models.delete(model_id).deleted is True
         assert client.get(f"/v1/models/{model_id}").status_code == 404
     assert client.get("/v1/models").json()["data"] == []
+
+
+def check_kernels_reported(client: httpx.Client, model_id: str, clip) -> None:
+    """X-Tarq-Kernels names the paths the int4 layers ran with their calls (absent for a float model),
+    and /metrics adds them up."""
+    from tarq.qlinear import KERNELS
+
+    def transcribe(model: str) -> httpx.Response:
+        response = client.post("/v1/audio/transcriptions", data={"model": model, "response_format": "text"},
+                               files={"file": (clip.name, clip.read_bytes(), "audio/flac")})
+        assert response.status_code == 200, response.text
+        return response
+
+    ran = {k: int(n) for k, n in (kv.split("=") for kv in transcribe(model_id).headers["x-tarq-kernels"].split(", "))}
+    assert set(ran) <= set(KERNELS) and all(n > 0 for n in ran.values()), ran
+    assert {"dequant", "dequant-bf16"} & set(ran)  # the encoder's 1500-frame calls
+    assert "x-tarq-kernels" not in transcribe("tiny-whisper").headers
+    metrics = client.get("/metrics").text
+    for kernel, calls in ran.items():
+        [line] = [ln for ln in metrics.splitlines() if ln.startswith(f'tarq_quantlinear_calls_total{{kernel="{kernel}"}}')]
+        assert float(line.split()[-1]) >= calls
 
 
 def cancel_running(base: str, key: str, clips, transcripts: bytes) -> None:
