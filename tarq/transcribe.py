@@ -174,6 +174,7 @@ def transcribe(
     prompt: str | None = None,
     temperature: float = 0.0,
     word_timestamps: bool = False,
+    share_encoder: bool = True,
 ) -> Transcript:
     """Transcribe one 16 kHz mono clip of any length.
 
@@ -181,6 +182,11 @@ def transcribe(
     none); `words` from cross-attention alignment (the model's alignment heads) when asked.
     `language=None` lets a multilingual model detect it. `prompt` conditions the first window like
     OpenAI's `prompt`. temperature 0 is greedy and deterministic; above 0 samples.
+
+    A clip of up to 30 s is encoded once, and language detection, decoding and the no-speech
+    probability all read that encoder output; left to themselves, transformers' language detection and
+    the no-speech step would each run the encoder again (three passes for a multilingual model).
+    `share_encoder=False` lets them (the same transcript, slower: `python bench/request.py` compares).
     """
     audio = _check_audio(audio)
     duration = len(audio) / SAMPLE_RATE
@@ -211,8 +217,9 @@ def transcribe(
     def note_window(progress: torch.Tensor) -> None:
         windows.append(int(progress[0, 0]))
 
-    with torch.inference_mode():
-        out = model.generate(
+    def generate(**extra):
+        windows.clear()
+        return model.generate(
             features,
             attention_mask=mask,
             return_timestamps=timestamps,
@@ -222,11 +229,30 @@ def transcribe(
             output_logits=True,
             monitor_progress=note_window,
             **kwargs,
+            **extra,
         )
+
+    with torch.inference_mode():
+        encoded = first = None
+        if share_encoder and not long_form:
+            encoded = encode(model, features)
+            if "language" not in kwargs and is_multilingual(model):
+                # generate refuses to detect from encoder outputs when it also has the features: detect
+                # here, from the same first decoder step that gives the no-speech probability
+                first = _first_step_logits(model, encoded)
+                kwargs["language"] = _language_token(model, first)
+        out = generate(encoder_outputs=encoded) if encoded is not None else generate()
+        if encoded is not None and len(windows) > 1:
+            # The first window ended on a timestamp pair short of 30 s and generate went on to a second
+            # one, which it decoded from the first window's encoder output: decode again, each window
+            # encoding its own frames. (Rare on real speech: bench/request.py counts encoder passes.)
+            encoded = None
+            out = generate()
         raw_segments = out["segments"][0] if isinstance(out, dict) and "segments" in out else None
         if raw_segments is None:  # short-form without timestamps returns a plain output
             raw_segments = _single_segment(out, duration)
-        no_speech = _no_speech_probs(model, features, windows or [0], raw_segments, prompt_is_sot=timestamps)
+        no_speech = _no_speech_probs(model, features, windows or [0], raw_segments, prompt_is_sot=timestamps,
+                                     encoded=encoded, first=first)
 
     eot = _eot_id(processor)
     segments, words = _build_segments(
@@ -246,6 +272,23 @@ def language_code(language: str) -> str:
     lang = language.strip().lower().strip("<|>")
     by_name = {name: code for code, name in LANGUAGES.items()}
     return by_name.get(lang, lang)
+
+
+def _first_step_logits(model, encoded) -> torch.Tensor:
+    """Raw logits [clips, vocab] of the one decoder step on <|startoftranscript|>: what transformers'
+    language detection reads, and Whisper's no-speech probability."""
+    gc = model.generation_config
+    start = torch.full((encoded.last_hidden_state.shape[0], 1), gc.decoder_start_token_id, dtype=torch.long,
+                       device=encoded.last_hidden_state.device)
+    return model(encoder_outputs=encoded, decoder_input_ids=start, use_cache=False).logits[:, 0]
+
+
+def _language_token(model, first: torch.Tensor) -> str:
+    """The language token (e.g. "<|en|>") transformers' `detect_language` picks for the first clip: the
+    most likely language token after <|startoftranscript|>."""
+    lang_to_id = model.generation_config.lang_to_id
+    tokens, ids = list(lang_to_id), list(lang_to_id.values())
+    return tokens[int(first[0, ids].argmax())]
 
 
 def _detected_language(model, processor, raw_segments: list[dict]) -> str:
@@ -268,7 +311,8 @@ def _single_segment(out, duration: float) -> list[dict]:
 
 
 def _no_speech_probs(
-    model, features: torch.Tensor, windows: list[int], raw_segments: list[dict], prompt_is_sot: bool
+    model, features: torch.Tensor, windows: list[int], raw_segments: list[dict], prompt_is_sot: bool,
+    encoded=None, first: torch.Tensor | None = None,
 ) -> list[float]:
     """Whisper's no_speech_prob per window: the probability of <|nospeech|> (<|nocaptions|> in
     English-only vocabularies) predicted right after <|startoftranscript|>, from raw logits (the
@@ -276,8 +320,10 @@ def _no_speech_probs(
 
     English-only models decoding with timestamps start each window right after
     <|startoftranscript|>, so the raw logits of the first generated step are exactly that
-    prediction and cost nothing. Otherwise (language and task tokens follow it) the window's encoder
-    runs again for one decoder step: causal attention makes position 0 depend on that token alone.
+    prediction and cost nothing. Otherwise (language and task tokens follow it) it takes one decoder
+    step: `first` when language detection already ran it, else a step on `encoded` (a short clip's
+    encoder output), else each window's encoder runs again. Causal attention makes position 0 depend on
+    that token alone.
     """
     gc = model.generation_config
     no_ts = getattr(gc, "no_timestamps_token_id", None)
@@ -296,6 +342,10 @@ def _no_speech_probs(
                 for lg in first_logits
             ]
 
+    if encoded is not None and windows == [0]:
+        logits = (first if first is not None else _first_step_logits(model, encoded)).float()
+        return logits.softmax(dim=-1)[:, no_speech_id].tolist()
+    start = torch.full((len(windows), 1), gc.decoder_start_token_id, dtype=torch.long, device=features.device)
     n = int(WINDOW_SECONDS * FRAMES_PER_SECOND)
     chunks = []
     for seek in windows:
@@ -304,7 +354,6 @@ def _no_speech_probs(
             chunk = torch.nn.functional.pad(chunk, (0, n - chunk.shape[-1]))
         chunks.append(chunk)
     batch = torch.cat(chunks, dim=0)
-    start = torch.full((len(windows), 1), gc.decoder_start_token_id, dtype=torch.long, device=batch.device)
     logits = model(input_features=batch, decoder_input_ids=start).logits[:, 0].float()
     return logits.softmax(dim=-1)[:, no_speech_id].tolist()
 

@@ -118,6 +118,53 @@ def test_batch_encoder_runs_in_chunks_on_cpu(tiny, monkeypatch):
     torch.testing.assert_close(chunked, whole)
 
 
+def multilingual_copy(folder: Path, out: Path, timestamps: bool = True):
+    """The tiny random Whisper with a multilingual generation config (two languages of the fixture's
+    vocabulary: no language given, generate detects one); without timestamps on request."""
+    import shutil
+
+    shutil.copytree(folder, out)
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen.update(is_multilingual=True, lang_to_id={"<|en|>": 50258, "<|de|>": 50260},
+               task_to_id={"transcribe": 50358, "translate": 50357})
+    if not timestamps:
+        del gen["no_timestamps_token_id"]
+    (out / "generation_config.json").write_text(json.dumps(gen))
+    return load(out)
+
+
+def encoder_passes(model, processor, audio, **kw) -> dict:
+    """{share_encoder: (transcript, encoder passes)} for both settings."""
+    passes = []
+    handle = model.get_encoder().register_forward_hook(lambda *_: passes.append(1))
+    try:
+        got = {}
+        for share in (False, True):
+            passes.clear()
+            got[share] = (transcribe(model, processor, audio, share_encoder=share, **kw), len(passes))
+        return got
+    finally:
+        handle.remove()
+
+
+def test_a_short_clip_is_encoded_once(short_whisper_dir, tmp_path):
+    """Language detection and decoding share one encoder pass and give the same transcript as
+    transformers' two (this model has no timestamps, hence no no-speech step)."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m", timestamps=False)
+    got = encoder_passes(model, processor, noise(4.0))
+    assert (got[False][1], got[True][1]) == (2, 1)
+    assert got[True][0] == got[False][0] and got[True][0].language in ("en", "de")
+
+
+def test_a_second_window_is_decoded_from_its_own_frames(short_whisper_dir, tmp_path):
+    """The random model's first window ends on a timestamp pair, so generate decodes a second window
+    (from frame 2994): the shared encoder output of the first must not stand in for it."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    got = encoder_passes(model, processor, noise(4.0), word_timestamps=True)
+    assert got[True][0] == got[False][0] and got[True][0].words
+    assert got[True][1] == got[False][1] == 4  # one clip pass, two windows, the no-speech step
+
+
 def test_english_only_model_refuses_other_languages(tiny):
     model, processor = tiny
     assert transcribe(model, processor, noise(1.0), language="en").language == "en"
@@ -273,3 +320,18 @@ def test_real_batch_timing(tiny_en, capsys):
     assert one == eight
     with capsys.disabled():
         print(f"\nwhisper-tiny.en per clip: batch 1 {(t1 - t0) / 8:.2f} s, batch 8 {(t2 - t1) / 8:.2f} s")
+
+
+@pytest.mark.slow
+def test_real_multilingual_request_encodes_once():
+    """whisper-base, language not given: one encoder pass instead of three, the same transcript."""
+    from tarq.audio import load_audio
+    from tarq.hub import pull
+
+    if not LJ.is_dir():
+        pytest.skip(f"real speech not found at {LJ}")
+    model, processor = load(pull("whisper-base"))
+    got = encoder_passes(model, processor, load_audio(LJ / "LJ001-0001.flac"))
+    assert (got[False][1], got[True][1]) == (3, 1)
+    assert got[True][0] == got[False][0] and got[True][0].language == "en"
+    assert 0.0 < got[True][0].segments[0].no_speech_prob < 0.5

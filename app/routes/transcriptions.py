@@ -3,7 +3,7 @@
 The API checks the upload, stores it, sends `tarq.transcribe` by name to the `transcribe` queue and
 waits for the worker's Transcript, which it renders with tarq.formats (torch-free). For a quantized
 model the `X-Tarq-Kernels` header says which kernel paths its int4 layers ran, with their call counts
-(tarq.qlinear), e.g. `dequant=24, int4pack-cpu=1440`: an int4 model on the dequantize fallback
+(tarq.qlinear), e.g. `dequant=60, int4pack-cpu=912`: an int4 model on the dequantize fallback
 everywhere is slower than the float one, and this is where an operator sees it."""
 from __future__ import annotations
 
