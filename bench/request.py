@@ -1,13 +1,14 @@
 """One transcription request as the service runs it (tarq.transcribe.transcribe: segments, language,
-no-speech probability), with the clip's encoder pass shared or not.
+no-speech probability), with the encoder's output shared or not.
 
     python bench/request.py                                   # whisper-base and tiny.en, 12 clips each
-    python bench/request.py --models whisper-base --clips 24 --dtype float32
+    python bench/request.py --models whisper-base --clips 24 --long-seconds 120
 
 For each model and clip, times `transcribe(..., share_encoder=False)` (transformers' language detection,
-`generate` and the no-speech step each run the encoder) and `share_encoder=True` (one pass, read by all
-three), in alternating order, counts the encoder passes of each, and checks that both give the same
-transcript. Writes bench/results/request.md and .json.
+`generate` and the no-speech step each run the encoder) and `share_encoder=True` (one pass per window,
+read by all three), in alternating order, counts the windows each encoded, and checks that both give
+the same transcript. Then the same for one long-form request: the clips joined into `--long-seconds` of
+audio. Writes bench/results/request.md and .json.
 """
 from __future__ import annotations
 
@@ -23,31 +24,61 @@ sys.path.insert(0, str(ROOT / "bench"))
 from speed import RESULTS, SPEECH, environment, table
 
 
-def measure(name: str, clips: list[Path], dtype: str) -> dict:
+def same_transcript(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    """Equal text, segments, words and language; no-speech probabilities within `tol` (long-form computes
+    them a window at a time when shared, all windows in one batch otherwise: float32 sums differ in the
+    last digits)."""
+    def strip(t: dict) -> dict:
+        return {**t, "segments": [{**s, "no_speech_prob": None} for s in t["segments"]]}
+
+    close = all(abs(x["no_speech_prob"] - y["no_speech_prob"]) <= tol for x, y in zip(a["segments"], b["segments"]))
+    return close and strip(a) == strip(b)
+
+
+def measure(name: str, clips: list[Path], dtype: str, long_seconds: float = 0.0) -> dict:
+    """Both settings on each clip and, if `long_seconds`, on the clips joined into one request."""
+    import numpy as np
+
     from tarq.audio import load_audio
     from tarq.hub import pull
     from tarq.transcribe import load, transcribe
 
     model, processor = load(name if Path(name).is_dir() else str(pull(name)), dtype=dtype)
-    passes = [0]
-    model.get_encoder().register_forward_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
+    encoded = [0]  # clip windows through the encoder (a batched call counts each)
+    model.get_encoder().register_forward_hook(lambda _m, _a, out: encoded.__setitem__(0, encoded[0] + len(out[0])))
     audios = [load_audio(c) for c in clips]
+    requests = [(c.name, a) for c, a in zip(clips, audios)]
+    if long_seconds:
+        joined, n = [], 0
+        while sum(len(a) for a in joined) < long_seconds * 16000:
+            joined.append(audios[n % len(audios)])
+            n += 1
+        requests.append((f"{n} clips joined", np.concatenate(joined)))
     transcribe(model, processor, audios[0])  # warm-up: kernel layouts, allocator
     rows = []
-    for i, (clip, audio) in enumerate(zip(clips, audios)):
-        row = {"clip": clip.name, "seconds_audio": len(audio) / 16000}
-        order = (False, True) if i % 2 == 0 else (True, False)
-        for share in order:
-            passes[0] = 0
+    for i, (label, audio) in enumerate(requests):
+        row = {"clip": label, "seconds_audio": len(audio) / 16000, "long_form": len(audio) > 30 * 16000}
+        for share in ((False, True) if i % 2 == 0 else (True, False)):
+            encoded[0] = 0
             start = time.perf_counter()
             out = transcribe(model, processor, audio, share_encoder=share)
-            key = "shared" if share else "separate"
-            row[key] = {"seconds": time.perf_counter() - start, "encoder_passes": passes[0],
-                        "transcript": out.to_dict()}
-        row["same"] = row["shared"]["transcript"] == row["separate"]["transcript"]
+            row["shared" if share else "separate"] = {"seconds": time.perf_counter() - start,
+                                                      "windows_encoded": encoded[0], "transcript": out.to_dict()}
+        row["same"] = same_transcript(row["shared"]["transcript"], row["separate"]["transcript"])
         rows.append(row)
     return {"model": Path(name).name, "multilingual": bool(getattr(model.generation_config, "lang_to_id", None)),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "clips": rows}
+
+
+def summary(model: dict, rows: list[dict], what: str) -> list[str]:
+    sep = [c["separate"]["seconds"] for c in rows]
+    shr = [c["shared"]["seconds"] for c in rows]
+    audio = sum(c["seconds_audio"] for c in rows)
+    encoded = lambda key: "/".join(sorted({str(c[key]["windows_encoded"]) for c in rows}))
+    return [model["model"], model["dtype"], "yes" if model["multilingual"] else "no",
+            f"{what}: {len(rows)} / {audio:.0f} s", encoded("separate"), encoded("shared"),
+            f"{statistics.mean(sep):.2f}", f"{statistics.mean(shr):.2f}", f"{sum(sep) / sum(shr):.2f}x",
+            f"{sum(c['same'] for c in rows)} / {len(rows)}"]
 
 
 def main() -> None:
@@ -55,31 +86,32 @@ def main() -> None:
     ap.add_argument("--models", default="whisper-base,whisper-tiny.en", help="comma list: cached names or folders")
     ap.add_argument("--audio", type=Path, default=SPEECH / "commonvoice-en-100")
     ap.add_argument("--clips", type=int, default=12)
+    ap.add_argument("--long-seconds", type=float, default=120.0, help="one long-form request this long (0: none)")
     ap.add_argument("--dtype", default="float32", help="as `tarq transcribe --dtype` (float32: the service default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "request.md")
     args = ap.parse_args()
 
     clips = sorted(p for p in args.audio.iterdir() if p.suffix in (".flac", ".wav", ".mp3"))[:args.clips]
-    results = [measure(m, clips, args.dtype) for m in args.models.split(",")]
+    results = [measure(m, clips, args.dtype, args.long_seconds) for m in args.models.split(",")]
 
     out = []
     for r in results:
-        sep = [c["separate"]["seconds"] for c in r["clips"]]
-        shr = [c["shared"]["seconds"] for c in r["clips"]]
-        audio = sum(c["seconds_audio"] for c in r["clips"])
-        passes = lambda key: "/".join(sorted({str(c[key]["encoder_passes"]) for c in r["clips"]}))  # noqa: E731
-        out.append([r["model"], r["dtype"], "yes" if r["multilingual"] else "no", f"{len(r['clips'])} / {audio:.0f} s",
-                    passes("separate"), passes("shared"), f"{statistics.mean(sep):.2f}", f"{statistics.mean(shr):.2f}",
-                    f"{sum(sep) / sum(shr):.2f}x", f"{sum(c['same'] for c in r['clips'])} / {len(r['clips'])}"])
-    lines = ["# One transcription request: the encoder pass shared or not", "",
+        short = [c for c in r["clips"] if not c["long_form"]]
+        long = [c for c in r["clips"] if c["long_form"]]
+        out.append(summary(r, short, "clips"))
+        if long:
+            out.append(summary(r, long, "long-form"))
+    lines = ["# One transcription request: the encoder's output shared or not", "",
              f"Command: `python bench/request.py {' '.join(sys.argv[1:])}`", "",
              f"Run: {environment('cpu')}.", "",
-             f"Clips: the first {args.clips} of {args.audio.name}, one request each (tarq.transcribe.transcribe, "
-             "as the worker and `tarq transcribe` call it: timestamps, language detection on multilingual "
-             "models, no-speech probability); both settings per clip in alternating order after one warm-up.",
-             ""]
-    lines += table(["model", "dtype", "multilingual", "clips / audio", "encoder passes, separate",
-                    "encoder passes, shared", "s / request, separate", "s / request, shared", "speed-up",
+             (f"Requests: the first {args.clips} clips of {args.audio.name}, one request each, then those clips "
+             f"joined into one request of at least {args.long_seconds:g} s (long-form decoding), through "
+             "tarq.transcribe.transcribe as the worker and `tarq transcribe` call it: timestamps, language "
+             "detection on multilingual models, no-speech probability. Both settings per request in "
+             "alternating order after one warm-up. Windows encoded: 30 s windows through the encoder per "
+             "request (each clip of a batched call counts)."), ""]
+    lines += table(["model", "dtype", "multilingual", "requests / audio", "windows encoded, separate",
+                    "windows encoded, shared", "s / request, separate", "s / request, shared", "speed-up",
                     "same transcript"], out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -185,7 +185,8 @@ def transcribe(
 
     A clip of up to 30 s is encoded once, and language detection, decoding and the no-speech
     probability all read that encoder output; left to themselves, transformers' language detection and
-    the no-speech step would each run the encoder again (three passes for a multilingual model).
+    the no-speech step would each run the encoder again (three passes for a multilingual model). In
+    long-form decoding each window's no-speech step reads the encoder output `generate` made for it.
     `share_encoder=False` lets them (the same transcript, slower: `python bench/request.py` compares).
     """
     audio = _check_audio(audio)
@@ -232,6 +233,7 @@ def transcribe(
             **extra,
         )
 
+    seen: dict[int, float] = {}  # window -> no-speech probability, from generate's encoding of it
     with torch.inference_mode():
         encoded = first = None
         if share_encoder and not long_form:
@@ -241,18 +243,25 @@ def transcribe(
                 # here, from the same first decoder step that gives the no-speech probability
                 first = _first_step_logits(model, encoded)
                 kwargs["language"] = _language_token(model, first)
-        out = generate(encoder_outputs=encoded) if encoded is not None else generate()
-        if encoded is not None and len(windows) > 1:
-            # The first window ended on a timestamp pair short of 30 s and generate went on to a second
-            # one, which it decoded from the first window's encoder output: decode again, each window
-            # encoding its own frames. (Rare on real speech: bench/request.py counts encoder passes.)
-            encoded = None
-            out = generate()
+        hook = None
+        if share_encoder and _no_speech_needs_a_step(model, timestamps):
+            hook = model.get_encoder().register_forward_hook(_no_speech_recorder(model, windows, seen))
+        try:
+            out = generate(encoder_outputs=encoded) if encoded is not None else generate()
+            if encoded is not None and len(windows) > 1:
+                # The first window ended on a timestamp pair short of 30 s and generate went on to a
+                # second one, which it decoded from the first window's encoder output: decode again, each
+                # window encoding its own frames. (Rare on real speech: bench/request.py counts passes.)
+                encoded = None
+                out = generate()
+        finally:
+            if hook is not None:
+                hook.remove()
         raw_segments = out["segments"][0] if isinstance(out, dict) and "segments" in out else None
         if raw_segments is None:  # short-form without timestamps returns a plain output
             raw_segments = _single_segment(out, duration)
         no_speech = _no_speech_probs(model, features, windows or [0], raw_segments, prompt_is_sot=timestamps,
-                                     encoded=encoded, first=first)
+                                     encoded=encoded, first=first, seen=seen)
 
     eot = _eot_id(processor)
     segments, words = _build_segments(
@@ -310,9 +319,37 @@ def _single_segment(out, duration: float) -> list[dict]:
     return [{"start": 0.0, "end": duration, "tokens": tokens, "idxs": (0, len(tokens)), "result": out}]
 
 
+def _no_speech_id(model) -> int | None:
+    """<|nospeech|> (<|nocaptions|> in English-only vocabularies): the token before <|notimestamps|>, the
+    same rule transformers uses; None without timestamp tokens."""
+    no_ts = getattr(model.generation_config, "no_timestamps_token_id", None)
+    return None if no_ts is None else no_ts - 1
+
+
+def _no_speech_needs_a_step(model, prompt_is_sot: bool) -> bool:
+    """Whether the no-speech probability takes a decoder step of its own (see `_no_speech_probs`)."""
+    return _no_speech_id(model) is not None and not (prompt_is_sot and not is_multilingual(model))
+
+
+def _no_speech_recorder(model, windows: list[int], seen: dict[int, float]):
+    """A forward hook for the encoder: each time `generate` encodes a window, the no-speech step for
+    that window runs on the fresh output, so the window need not be encoded again afterwards. Calls
+    before the first window (language detection) and from other threads are not this request's."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    caller, no_speech_id = threading.get_ident(), _no_speech_id(model)
+
+    def record(_module, _args, output) -> None:
+        if windows and threading.get_ident() == caller:
+            logits = _first_step_logits(model, BaseModelOutput(last_hidden_state=output[0]))
+            seen[len(windows) - 1] = float(logits[0].float().softmax(-1)[no_speech_id])
+
+    return record
+
+
 def _no_speech_probs(
     model, features: torch.Tensor, windows: list[int], raw_segments: list[dict], prompt_is_sot: bool,
-    encoded=None, first: torch.Tensor | None = None,
+    encoded=None, first: torch.Tensor | None = None, seen: dict[int, float] | None = None,
 ) -> list[float]:
     """Whisper's no_speech_prob per window: the probability of <|nospeech|> (<|nocaptions|> in
     English-only vocabularies) predicted right after <|startoftranscript|>, from raw logits (the
@@ -321,15 +358,14 @@ def _no_speech_probs(
     English-only models decoding with timestamps start each window right after
     <|startoftranscript|>, so the raw logits of the first generated step are exactly that
     prediction and cost nothing. Otherwise (language and task tokens follow it) it takes one decoder
-    step: `first` when language detection already ran it, else a step on `encoded` (a short clip's
-    encoder output), else each window's encoder runs again. Causal attention makes position 0 depend on
-    that token alone.
+    step per window: `seen` when it ran as generate encoded each window, `first` when language detection
+    already ran it, else a step on `encoded` (a short clip's encoder output), else each window's encoder
+    runs again. Causal attention makes position 0 depend on that token alone.
     """
     gc = model.generation_config
-    no_ts = getattr(gc, "no_timestamps_token_id", None)
-    if no_ts is None:
+    no_speech_id = _no_speech_id(model)
+    if no_speech_id is None:
         return [0.0] * len(windows)
-    no_speech_id = no_ts - 1  # the same rule transformers uses
 
     if prompt_is_sot and not is_multilingual(model):
         # Segments of one window share its result; dicts keep the windows' order.
@@ -342,6 +378,8 @@ def _no_speech_probs(
                 for lg in first_logits
             ]
 
+    if seen and all(i in seen for i in range(len(windows))):
+        return [seen[i] for i in range(len(windows))]
     if encoded is not None and windows == [0]:
         logits = (first if first is not None else _first_step_logits(model, encoded)).float()
         return logits.softmax(dim=-1)[:, no_speech_id].tolist()

@@ -22,10 +22,13 @@ def test_request_bench_runs_both_settings(short_whisper_dir, tmp_path):
             w.setframerate(16000)
             w.writeframes((0.3 * np.sin(2 * np.pi * 330 * t) * 32767).astype("<i2").tobytes())
         clips.append(tmp_path / f"tone{i}.wav")
-    result = bench.measure(str(short_whisper_dir), clips, "float32")
+    result = bench.measure(str(short_whisper_dir), clips, "float32", long_seconds=33)
     assert result["model"] == "tiny-whisper" and not result["multilingual"] and result["dtype"] == "float32"
-    assert [c["clip"] for c in result["clips"]] == ["tone0.wav", "tone1.wav"]
+    assert [c["clip"] for c in result["clips"]] == ["tone0.wav", "tone1.wav", "10 clips joined"]
+    assert [c["long_form"] for c in result["clips"]] == [False, False, True]
+    assert [c["seconds_audio"] for c in result["clips"]] == [2.0, 5.0, 35.0]
     for c in result["clips"]:
         assert c["same"], c
-        assert c["shared"]["encoder_passes"] >= 1 and c["separate"]["encoder_passes"] >= 1
-        assert c["shared"]["seconds"] > 0 and c["seconds_audio"] in (2.0, 5.0)
+        assert c["shared"]["windows_encoded"] >= 1 and c["separate"]["windows_encoded"] >= 1
+        assert c["shared"]["seconds"] > 0
+    assert "long-form: 1 / 35 s" in bench.summary(result, result["clips"][2:], "long-form")

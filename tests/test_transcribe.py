@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -134,9 +135,9 @@ def multilingual_copy(folder: Path, out: Path, timestamps: bool = True):
 
 
 def encoder_passes(model, processor, audio, **kw) -> dict:
-    """{share_encoder: (transcript, encoder passes)} for both settings."""
+    """{share_encoder: (transcript, 30 s windows through the encoder)} for both settings."""
     passes = []
-    handle = model.get_encoder().register_forward_hook(lambda *_: passes.append(1))
+    handle = model.get_encoder().register_forward_hook(lambda _m, _a, out: passes.extend([1] * len(out[0])))
     try:
         got = {}
         for share in (False, True):
@@ -145,6 +146,16 @@ def encoder_passes(model, processor, audio, **kw) -> dict:
         return got
     finally:
         handle.remove()
+
+
+def assert_same_transcript(a: Transcript, b: Transcript) -> None:
+    """Equal but for the no-speech probabilities, which agree to float32 rounding: computed one window at a
+    time with a shared encoder, all windows in one batch without."""
+    assert [s.no_speech_prob for s in a.segments] == pytest.approx([s.no_speech_prob for s in b.segments], rel=1e-4)
+    def strip(t: Transcript) -> Transcript:
+        return dataclasses.replace(t, segments=[dataclasses.replace(s, no_speech_prob=0.0) for s in t.segments])
+
+    assert strip(a) == strip(b)
 
 
 def test_a_short_clip_is_encoded_once(short_whisper_dir, tmp_path):
@@ -158,11 +169,24 @@ def test_a_short_clip_is_encoded_once(short_whisper_dir, tmp_path):
 
 def test_a_second_window_is_decoded_from_its_own_frames(short_whisper_dir, tmp_path):
     """The random model's first window ends on a timestamp pair, so generate decodes a second window
-    (from frame 2994): the shared encoder output of the first must not stand in for it."""
+    (from frame 2994): the shared encoder output of the first must not stand in for it. Separate: the
+    language detection, two windows, the no-speech step for both; shared: the clip, two windows (their
+    no-speech steps read generate's encoding)."""
     model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
     got = encoder_passes(model, processor, noise(4.0), word_timestamps=True)
-    assert got[True][0] == got[False][0] and got[True][0].words
-    assert got[True][1] == got[False][1] == 4  # one clip pass, two windows, the no-speech step
+    assert_same_transcript(got[True][0], got[False][0])
+    assert got[True][0].words
+    assert (got[False][1], got[True][1]) == (5, 3)
+
+
+def test_long_form_windows_are_encoded_once(short_whisper_dir, tmp_path):
+    """Long-form: each window's no-speech step reads the encoder output generate made for it."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    got = encoder_passes(model, processor, noise(45.0))
+    assert_same_transcript(got[True][0], got[False][0])
+    assert len({s.seek for s in got[True][0].segments}) >= 2
+    windows = got[True][1] - 1  # less the language detection's pass
+    assert got[False][1] == 1 + 2 * windows
 
 
 def test_english_only_model_refuses_other_languages(tiny):
@@ -333,5 +357,6 @@ def test_real_multilingual_request_encodes_once():
     model, processor = load(pull("whisper-base"))
     got = encoder_passes(model, processor, load_audio(LJ / "LJ001-0001.flac"))
     assert (got[False][1], got[True][1]) == (3, 1)
-    assert got[True][0] == got[False][0] and got[True][0].language == "en"
+    assert_same_transcript(got[True][0], got[False][0])
+    assert got[True][0].language == "en"
     assert 0.0 < got[True][0].segments[0].no_speech_prob < 0.5
