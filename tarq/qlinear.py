@@ -287,8 +287,16 @@ class QuantLinear(nn.Module):
             return "tinygemm-cuda"
         return dense
 
+    # sm80 or newer, per CUDA device, asked once: the driver query is not a tensor op, and inside a
+    # torch.compile trace (the compiled decoding step) it would break the graph at every QuantLinear;
+    # the eager prefill has filled this in by then
+    _sm80: dict[str, bool] = {}
+
     def _tinygemm_ok(self, device: torch.device) -> bool:
-        return (torch.cuda.get_device_capability(device)[0] >= 8
+        sm80 = QuantLinear._sm80.get(str(device))
+        if sm80 is None:
+            sm80 = QuantLinear._sm80[str(device)] = torch.cuda.get_device_capability(device)[0] >= 8
+        return (sm80
                 and self.group_size in _TINYGEMM_GROUP_SIZES
                 and self.out_features % 8 == 0
                 and any(self.in_features % (t * 16) == 0 for t in _TINYGEMM_INNER_K_TILES))

@@ -167,6 +167,19 @@ def test_compiled_forwards_do_not_recompile_for_the_count(monkeypatch):
     assert kernel_calls(layer) == {layer.kernel: 1}  # the eager call only
 
 
+def test_cuda_capability_is_asked_once_per_device(monkeypatch):
+    """Later calls (a torch.compile trace among them) read the answer instead of asking the driver."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: asked.append(str(d)) or (9, 0))
+    monkeypatch.setattr(QuantLinear, "_sm80", {})
+    a = QuantLinear.from_quantized(rtn(torch.randn(64, 256), 4, 128, sym=False))
+    b = QuantLinear.from_quantized(rtn(torch.randn(32, 256), 4, 128, sym=True))
+    for layer in (a, b, a):
+        assert layer._tinygemm_ok(torch.device("cuda:0"))
+    assert b._tinygemm_ok(torch.device("cuda:1"))
+    assert asked == ["cuda:0", "cuda:1"]
+
+
 def test_many_rows_on_a_bf16_cpu_take_the_bf16_dense_path(monkeypatch):
     """float32 in, float32 out; the matmul (bias fused) runs in cpu_dense_dtype."""
     monkeypatch.setattr(QuantLinear, "cpu_dense_dtype", torch.bfloat16)
