@@ -41,6 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -290,7 +291,7 @@ class QuantLinear(nn.Module):
     # sm80 or newer, per CUDA device, asked once: the driver query is not a tensor op, and inside a
     # torch.compile trace (the compiled decoding step) it would break the graph at every QuantLinear;
     # the eager prefill has filled this in by then
-    _sm80: dict[str, bool] = {}
+    _sm80: ClassVar[dict[str, bool]] = {}
 
     def _tinygemm_ok(self, device: torch.device) -> bool:
         sm80 = QuantLinear._sm80.get(str(device))
@@ -362,14 +363,14 @@ class QuantLinear(nn.Module):
                 f"act_order={self.weight_g_idx is not None}")
 
 
-def kernel_calls(model: nn.Module) -> dict[str, int]:
+def kernel_calls(model: nn.Module) -> Counter[str]:
     """The model's QuantLinear forwards so far, by kernel path, summed over its layers (calls made inside a
     torch.compile'd graph are not counted)."""
     total: Counter[str] = Counter()
     for module in model.modules():
         if isinstance(module, QuantLinear):
             total.update(module.calls)
-    return dict(total)
+    return total
 
 
 @contextmanager
@@ -382,8 +383,7 @@ def counting_kernels(model: nn.Module) -> Iterator[dict[str, int]]:
     try:
         yield counts
     finally:
-        after = kernel_calls(model)
-        counts.update({k: n - before.get(k, 0) for k, n in sorted(after.items()) if n > before.get(k, 0)})
+        counts.update(sorted((kernel_calls(model) - before).items()))
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

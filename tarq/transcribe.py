@@ -326,6 +326,11 @@ def _no_speech_id(model) -> int | None:
     return None if no_ts is None else no_ts - 1
 
 
+def _p_no_speech(logits: torch.Tensor, no_speech_id: int) -> list[float]:
+    """P(<|nospeech|>) per row of raw logits [rows, vocab], softmax in float32."""
+    return logits.float().softmax(dim=-1)[:, no_speech_id].tolist()
+
+
 def _no_speech_needs_a_step(model, prompt_is_sot: bool) -> bool:
     """Whether the no-speech probability takes a decoder step of its own (see `_no_speech_probs`)."""
     return _no_speech_id(model) is not None and not (prompt_is_sot and not is_multilingual(model))
@@ -342,7 +347,7 @@ def _no_speech_recorder(model, windows: list[int], seen: dict[int, float]):
     def record(_module, _args, output) -> None:
         if windows and threading.get_ident() == caller:
             logits = _first_step_logits(model, BaseModelOutput(last_hidden_state=output[0]))
-            seen[len(windows) - 1] = float(logits[0].float().softmax(-1)[no_speech_id])
+            seen[len(windows) - 1] = _p_no_speech(logits, no_speech_id)[0]
 
     return record
 
@@ -373,16 +378,12 @@ def _no_speech_probs(
         results = list(by_window.values())
         first_logits = [r.get("logits")[0] for r in results if r.get("logits")]
         if len(first_logits) == len(windows):
-            return [
-                float(lg.reshape(-1, lg.shape[-1])[0].float().softmax(-1)[no_speech_id])
-                for lg in first_logits
-            ]
+            return [_p_no_speech(lg.reshape(-1, lg.shape[-1])[:1], no_speech_id)[0] for lg in first_logits]
 
     if seen and all(i in seen for i in range(len(windows))):
         return [seen[i] for i in range(len(windows))]
     if encoded is not None and windows == [0]:
-        logits = (first if first is not None else _first_step_logits(model, encoded)).float()
-        return logits.softmax(dim=-1)[:, no_speech_id].tolist()
+        return _p_no_speech(first if first is not None else _first_step_logits(model, encoded), no_speech_id)
     start = torch.full((len(windows), 1), gc.decoder_start_token_id, dtype=torch.long, device=features.device)
     n = int(WINDOW_SECONDS * FRAMES_PER_SECOND)
     chunks = []
@@ -392,8 +393,7 @@ def _no_speech_probs(
             chunk = torch.nn.functional.pad(chunk, (0, n - chunk.shape[-1]))
         chunks.append(chunk)
     batch = torch.cat(chunks, dim=0)
-    logits = model(input_features=batch, decoder_input_ids=start).logits[:, 0].float()
-    return logits.softmax(dim=-1)[:, no_speech_id].tolist()
+    return _p_no_speech(model(input_features=batch, decoder_input_ids=start).logits[:, 0], no_speech_id)
 
 
 def _segment_logprob(seg: dict) -> float:
