@@ -6,8 +6,9 @@ no-speech probability), with the encoder's output shared or not.
 
 For each model and clip, times `transcribe(..., share_encoder=False)` (transformers' language detection,
 `generate` and the no-speech step each run the encoder) and `share_encoder=True` (one pass per window,
-read by all three), in alternating order, counts the windows each encoded, and checks that both give
-the same transcript. Then the same for one long-form request: the clips joined into `--long-seconds` of
+read by all three; generate reuses the first decoder step's cross-attention keys and values), in
+alternating order, counts the windows each encoded and those whose cross-attention keys and values the
+decoder computed, and checks that both give the same transcript. Then the same for one long-form request: the clips joined into `--long-seconds` of
 audio. Writes bench/results/request.md and .json.
 """
 from __future__ import annotations
@@ -44,8 +45,12 @@ def measure(name: str, clips: list[Path], dtype: str, long_seconds: float = 0.0)
     from tarq.transcribe import load, transcribe
 
     model, processor = load(name if Path(name).is_dir() else str(pull(name)), dtype=dtype)
-    encoded = [0]  # clip windows through the encoder (a batched call counts each)
+    # clip windows through the encoder, and windows whose cross-attention keys and values the decoder
+    # computed (every decoder layer projects all 1500 frames; layer 0 counts), a batched call counting each
+    encoded, cross = [0], [0]
     model.get_encoder().register_forward_hook(lambda _m, _a, out: encoded.__setitem__(0, encoded[0] + len(out[0])))
+    model.get_decoder().layers[0].encoder_attn.k_proj.register_forward_hook(
+        lambda _m, args, _o: cross.__setitem__(0, cross[0] + len(args[0])))
     audios = [load_audio(c) for c in clips]
     requests = [(c.name, a) for c, a in zip(clips, audios)]
     if long_seconds:
@@ -59,11 +64,12 @@ def measure(name: str, clips: list[Path], dtype: str, long_seconds: float = 0.0)
     for i, (label, audio) in enumerate(requests):
         row = {"clip": label, "seconds_audio": len(audio) / 16000, "long_form": len(audio) > 30 * 16000}
         for share in ((False, True) if i % 2 == 0 else (True, False)):
-            encoded[0] = 0
+            encoded[0] = cross[0] = 0
             start = time.perf_counter()
             out = transcribe(model, processor, audio, share_encoder=share)
             row["shared" if share else "separate"] = {"seconds": time.perf_counter() - start,
-                                                      "windows_encoded": encoded[0], "transcript": out.to_dict()}
+                                                      "windows_encoded": encoded[0], "cross_kv": cross[0],
+                                                      "transcript": out.to_dict()}
         row["same"] = same_transcript(row["shared"]["transcript"], row["separate"]["transcript"])
         for key in ("shared", "separate"):  # the .json keeps the text; tokens and timings were compared above
             row[key]["transcript"] = {"text": row[key]["transcript"]["text"],
@@ -77,9 +83,10 @@ def summary(model: dict, rows: list[dict], what: str) -> list[str]:
     sep = [c["separate"]["seconds"] for c in rows]
     shr = [c["shared"]["seconds"] for c in rows]
     audio = sum(c["seconds_audio"] for c in rows)
-    encoded = lambda key: "/".join(sorted({str(c[key]["windows_encoded"]) for c in rows}))
+    counts = lambda key, what: "/".join(sorted({str(c[key][what]) for c in rows}))
     return [model["model"], model["dtype"], "yes" if model["multilingual"] else "no",
-            f"{what}: {len(rows)} / {audio:.0f} s", encoded("separate"), encoded("shared"),
+            f"{what}: {len(rows)} / {audio:.0f} s", counts("separate", "windows_encoded"),
+            counts("shared", "windows_encoded"), counts("separate", "cross_kv"), counts("shared", "cross_kv"),
             f"{statistics.mean(sep):.2f}", f"{statistics.mean(shr):.2f}", f"{sum(sep) / sum(shr):.2f}x",
             f"{sum(c['same'] for c in rows)} / {len(rows)}"]
 
@@ -112,9 +119,10 @@ def main() -> None:
              "tarq.transcribe.transcribe as the worker and `tarq transcribe` call it: timestamps, language "
              "detection on multilingual models, no-speech probability. Both settings per request in "
              "alternating order after one warm-up. Windows encoded: 30 s windows through the encoder per "
-             "request (each clip of a batched call counts)."), ""]
+             "request (each clip of a batched call counts). Cross k/v: windows whose cross-attention keys and "
+             "values the decoder computed (each layer projects the window's 1500 encoder frames)."), ""]
     lines += table(["model", "dtype", "multilingual", "requests / audio", "windows encoded, separate",
-                    "windows encoded, shared", "s / request, separate", "s / request, shared", "speed-up",
+                    "windows encoded, shared", "cross k/v, separate", "cross k/v, shared", "s / request, separate", "s / request, shared", "speed-up",
                     "same transcript"], out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -220,6 +220,7 @@ def transcribe(
 
     def generate(**extra):
         windows.clear()
+        seen.clear()
         return model.generate(
             features,
             attention_mask=mask,
@@ -233,21 +234,28 @@ def transcribe(
             **extra,
         )
 
-    seen: dict[int, float] = {}  # window -> no-speech probability, from generate's encoding of it
+    seen: dict[int, float] = {}  # window -> no-speech probability, read from generate's own first step
     with torch.inference_mode():
-        encoded = first = None
+        encoded = first = cross = None
         if share_encoder and not long_form:
             encoded = encode(model, features)
             if "language" not in kwargs and is_multilingual(model):
-                # generate refuses to detect from encoder outputs when it also has the features: detect
-                # here, from the same first decoder step that gives the no-speech probability
-                first = _first_step_logits(model, encoded)
+                # generate refuses to detect from encoder outputs when it also has the features: detect here,
+                # from one decoder step on <|startoftranscript|>, whose cross-attention keys and values
+                # generate then reuses
+                first, cross = _first_step(model, encoded)
                 kwargs["language"] = _language_token(model, first)
         hook = None
         if share_encoder and _no_speech_needs_a_step(model, timestamps):
-            hook = model.get_encoder().register_forward_hook(_no_speech_recorder(model, windows, seen))
+            hook = model.get_decoder().register_forward_hook(_no_speech_recorder(model, windows, seen),
+                                                            with_kwargs=True)
         try:
-            out = generate(encoder_outputs=encoded) if encoded is not None else generate()
+            if encoded is None:
+                out = generate()
+            elif cross is not None:
+                out = generate(encoder_outputs=encoded, cache=cross)
+            else:
+                out = generate(encoder_outputs=encoded)
             if encoded is not None and len(windows) > 1:
                 # The first window ended on a timestamp pair short of 30 s and generate went on to a
                 # second one, which it decoded from the first window's encoder output: decode again, each
@@ -286,10 +294,25 @@ def language_code(language: str) -> str:
 def _first_step_logits(model, encoded) -> torch.Tensor:
     """Raw logits [clips, vocab] of the one decoder step on <|startoftranscript|>: what transformers'
     language detection reads, and Whisper's no-speech probability."""
+    return _first_step(model, encoded, keep_cross=False)[0]
+
+
+def _first_step(model, encoded, keep_cross: bool = True):
+    """The first-step logits and, with `keep_cross`, a cache holding the decoder's cross-attention keys
+    and values of `encoded` (every layer projects all 1500 frames: ~11% of the encoder's FLOPs) and an
+    empty self-attention part, for `generate(cache=...)` to decode on without computing them again.
+    None where the generation config asks for a cache of its own kind (a static cache for compiling)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
     gc = model.generation_config
     start = torch.full((encoded.last_hidden_state.shape[0], 1), gc.decoder_start_token_id, dtype=torch.long,
                        device=encoded.last_hidden_state.device)
-    return model(encoder_outputs=encoded, decoder_input_ids=start, use_cache=False).logits[:, 0]
+    if not keep_cross or getattr(gc, "cache_implementation", None) is not None:
+        return model(encoder_outputs=encoded, decoder_input_ids=start, use_cache=False).logits[:, 0], None
+    cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    logits = model(encoder_outputs=encoded, decoder_input_ids=start, cache=cache, use_cache=True).logits[:, 0]
+    # a fresh self-attention part: generate decodes its whole prompt, <|startoftranscript|> included
+    return logits, EncoderDecoderCache(DynamicCache(config=model.config), cache.cross_attention_cache)
 
 
 def _language_token(model, first: torch.Tensor) -> str:
@@ -332,22 +355,30 @@ def _p_no_speech(logits: torch.Tensor, no_speech_id: int) -> list[float]:
 
 
 def _no_speech_needs_a_step(model, prompt_is_sot: bool) -> bool:
-    """Whether the no-speech probability takes a decoder step of its own (see `_no_speech_probs`)."""
+    """Whether the no-speech probability is missing from the logits generate returns (see
+    `_no_speech_probs`): read from generate's first step by `_no_speech_recorder`, or else a step of its own."""
     return _no_speech_id(model) is not None and not (prompt_is_sot and not is_multilingual(model))
 
 
 def _no_speech_recorder(model, windows: list[int], seen: dict[int, float]):
-    """A forward hook for the encoder: each time `generate` encodes a window, the no-speech step for
-    that window runs on the fresh output, so the window need not be encoded again afterwards. Calls
-    before the first window (language detection) and from other threads are not this request's."""
-    from transformers.modeling_outputs import BaseModelOutput
-
+    """A forward hook (with kwargs) for the decoder: each window's first decoder call in `generate` runs
+    on the whole prompt, <|startoftranscript|> included, and its hidden state there is what the no-speech
+    probability reads (causal attention: it depends on the tokens up to it alone, as in OpenAI's
+    `DecodingTask`, a prompt before it included). Projecting that one row costs one row of the output
+    layer instead of a decoder step and, per window, the cross-attention keys and values again. Calls
+    before the first window (language detection), decoding steps (no <|startoftranscript|>) and calls
+    from other threads are not recorded."""
     caller, no_speech_id = threading.get_ident(), _no_speech_id(model)
+    start = model.generation_config.decoder_start_token_id
 
-    def record(_module, _args, output) -> None:
-        if windows and threading.get_ident() == caller:
-            logits = _first_step_logits(model, BaseModelOutput(last_hidden_state=output[0]))
-            seen[len(windows) - 1] = _p_no_speech(logits, no_speech_id)[0]
+    def record(_module, _args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids")
+        if not windows or ids is None or threading.get_ident() != caller:
+            return
+        at = (ids[0] == start).nonzero()
+        if len(at):
+            hidden = output[0][:1, int(at[-1])]
+            seen[len(windows) - 1] = _p_no_speech(model.proj_out(hidden), no_speech_id)[0]
 
     return record
 
@@ -362,10 +393,11 @@ def _no_speech_probs(
 
     English-only models decoding with timestamps start each window right after
     <|startoftranscript|>, so the raw logits of the first generated step are exactly that
-    prediction and cost nothing. Otherwise (language and task tokens follow it) it takes one decoder
-    step per window: `seen` when it ran as generate encoded each window, `first` when language detection
-    already ran it, else a step on `encoded` (a short clip's encoder output), else each window's encoder
-    runs again. Causal attention makes position 0 depend on that token alone.
+    prediction and cost nothing. Otherwise (language and task tokens follow it): `seen`, which
+    `_no_speech_recorder` read off generate's first decoder call of each window; without it, one decoder
+    step per window: `first` when language detection already ran it, else a step on `encoded` (a short
+    clip's encoder output), else each window's encoder runs again (share_encoder=False). Causal attention
+    makes that position depend on the tokens up to <|startoftranscript|> alone.
     """
     gc = model.generation_config
     no_speech_id = _no_speech_id(model)

@@ -30,5 +30,6 @@ def test_request_bench_runs_both_settings(short_whisper_dir, tmp_path):
     for c in result["clips"]:
         assert c["same"], c
         assert c["shared"]["windows_encoded"] >= 1 and c["separate"]["windows_encoded"] >= 1
+        assert c["shared"]["cross_kv"] >= c["shared"]["windows_encoded"]  # each window decoded at least once
         assert c["shared"]["seconds"] > 0
     assert "long-form: 1 / 35 s" in bench.summary(result, result["clips"][2:], "long-form")

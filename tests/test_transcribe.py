@@ -5,11 +5,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tarq.errors import AudioError, ModelError
 from tarq.formats import FORMATS, Transcript, render
+from tarq.models.whisper import encode
 from tarq.transcribe import (
-    ModelCache, has_alignment_heads, has_timestamps, load, transcribe, transcribe_batch,
+    ModelCache,
+    _features,
+    _first_step,
+    _first_step_logits,
+    _no_speech_id,
+    has_alignment_heads,
+    has_timestamps,
+    load,
+    transcribe,
+    transcribe_batch,
 )
 
 SR = 16000
@@ -96,8 +107,6 @@ def test_batch_equals_one_by_one(tiny):
 
 
 def test_batch_encoder_runs_in_chunks_on_cpu(tiny, monkeypatch):
-    import torch
-
     from tarq.models import whisper
     from tarq.transcribe import _features
 
@@ -135,17 +144,62 @@ def multilingual_copy(folder: Path, out: Path, timestamps: bool = True):
 
 
 def encoder_passes(model, processor, audio, **kw) -> dict:
-    """{share_encoder: (transcript, 30 s windows through the encoder)} for both settings."""
-    passes = []
-    handle = model.get_encoder().register_forward_hook(lambda _m, _a, out: passes.extend([1] * len(out[0])))
+    """{share_encoder: (transcript, 30 s windows through the encoder, windows whose cross-attention keys
+    the decoder computed)} for both settings."""
+    passes, cross = [], []
+    handles = [
+        model.get_encoder().register_forward_hook(lambda _m, _a, out: passes.extend([1] * len(out[0]))),
+        cross_key_projection(model).register_forward_hook(lambda _m, args, _o: cross.extend([1] * len(args[0]))),
+    ]
     try:
         got = {}
         for share in (False, True):
             passes.clear()
-            got[share] = (transcribe(model, processor, audio, share_encoder=share, **kw), len(passes))
+            cross.clear()
+            got[share] = (transcribe(model, processor, audio, share_encoder=share, **kw), len(passes), len(cross))
         return got
     finally:
+        for h in handles:
+            h.remove()
+
+
+def cross_key_projection(model):
+    """The first decoder layer's cross-attention key projection: it runs once per encoder output the
+    decoder attends to afresh."""
+    return model.get_decoder().layers[0].encoder_attn.k_proj
+
+
+def test_first_step_hands_its_cross_attention_to_generate(short_whisper_dir, tmp_path):
+    """The no-speech / language step's cache carries the cross-attention keys and values into generate,
+    which then computes none and decodes the same tokens as on its own."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    features, mask = _features(processor, [noise(4.0)], model, long_form=False)
+    calls = []
+    handle = cross_key_projection(model).register_forward_hook(lambda *_: calls.append(1))
+    args = {"attention_mask": mask, "language": "en", "task": "transcribe", "return_timestamps": False,
+            "max_new_tokens": 8}
+    try:
+        with torch.inference_mode():
+            encoded = encode(model, features)
+            first, cache = _first_step(model, encoded)
+            shared = model.generate(features, encoder_outputs=encoded, cache=cache, **args)
+            assert len(calls) == 1
+            calls.clear()
+            alone = model.generate(features, encoder_outputs=encoded, **args)
+            assert len(calls) == 1
+            torch.testing.assert_close(first, _first_step_logits(model, encoded))
+    finally:
         handle.remove()
+    assert shared.tolist() == alone.tolist()
+
+
+def test_a_static_cache_config_gets_no_dynamic_cache(short_whisper_dir, tmp_path):
+    """A model set up for compiled decoding (a static cache) keeps generate's own cache."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    features, _ = _features(processor, [noise(2.0)], model, long_form=False)
+    model.generation_config.cache_implementation = "static"
+    with torch.inference_mode():
+        assert _first_step(model, encode(model, features))[1] is None
 
 
 def assert_same_transcript(a: Transcript, b: Transcript) -> None:
@@ -160,10 +214,12 @@ def assert_same_transcript(a: Transcript, b: Transcript) -> None:
 
 def test_a_short_clip_is_encoded_once(short_whisper_dir, tmp_path):
     """Language detection and decoding share one encoder pass and give the same transcript as
-    transformers' two (this model has no timestamps, hence no no-speech step)."""
+    transformers' two (this model has no timestamps, hence no no-speech step); generate reuses the
+    detection step's cross-attention keys and values."""
     model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m", timestamps=False)
     got = encoder_passes(model, processor, noise(4.0))
     assert (got[False][1], got[True][1]) == (2, 1)
+    assert (got[False][2], got[True][2]) == (2, 1)  # and the decoder's cross-attention keys once
     assert got[True][0] == got[False][0] and got[True][0].language in ("en", "de")
 
 
@@ -187,6 +243,42 @@ def test_long_form_windows_are_encoded_once(short_whisper_dir, tmp_path):
     assert len({s.seek for s in got[True][0].segments}) >= 2
     windows = got[True][1] - 1  # less the language detection's pass
     assert got[False][1] == 1 + 2 * windows
+    # each window's no-speech probability is read off generate's own first step: no step of its own
+    assert (got[False][2], got[True][2]) == (1 + 2 * windows, 1 + windows)
+
+
+def test_no_speech_is_read_at_start_of_transcript_after_a_prompt(short_whisper_dir, tmp_path):
+    """With a prompt before <|startoftranscript|>, the no-speech probability is the prediction at that
+    token given the prompt, as OpenAI's whisper reads it."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    audio = noise(4.0)
+    out = transcribe(model, processor, audio, language="en", prompt="Tarq and Whisper")
+    prompt = processor.get_prompt_ids("Tarq and Whisper", return_tensors="pt").tolist()
+    start = model.generation_config.decoder_start_token_id
+    features, _ = _features(processor, [audio], model, long_form=False)
+    with torch.inference_mode():
+        encoded = encode(model, features)
+        ids = torch.tensor([[*prompt, start]])
+        logits = model(encoder_outputs=encoded, decoder_input_ids=ids).logits[0, -1]
+        unprompted = _first_step_logits(model, encoded)[0]
+    want = logits.float().softmax(-1)[_no_speech_id(model)].item()
+    assert out.segments[0].no_speech_prob == pytest.approx(want, rel=1e-4)
+    assert unprompted.float().softmax(-1)[_no_speech_id(model)].item() != pytest.approx(want, rel=1e-3)
+
+
+def test_concurrent_requests_keep_their_own_no_speech(short_whisper_dir, tmp_path):
+    """Requests in threads on one model (a thread-pool worker): each hook records its own request's
+    decoder calls only, so every transcript equals the same request made alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    audios = [noise(2.0 + i, seed=i) for i in range(4)]
+    alone = [transcribe(model, processor, a, language="en") for a in audios]
+    assert len({t.segments[0].no_speech_prob for t in alone}) == len(audios)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda a: transcribe(model, processor, a, language="en"), audios * 2))
+    for got, want in zip(together, alone * 2):
+        assert_same_transcript(got, want)
 
 
 def test_english_only_model_refuses_other_languages(tiny):
@@ -216,7 +308,6 @@ def test_bad_audio(tiny):
 
 
 def test_compute_dtype():
-    import torch
 
     from tarq.qlinear import cpu_bf16_pays
     from tarq.transcribe import compute_dtype
@@ -238,7 +329,6 @@ def test_compute_dtype():
 def test_bf16_model_transcribes(short_whisper_dir, tiny):
     """A bf16 load computes in bf16 throughout and still decodes (random weights have no text worth
     comparing, so: dtypes, and well-formed results from both entry points)."""
-    import torch
 
     model, processor = load(short_whisper_dir, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -357,6 +447,9 @@ def test_real_multilingual_request_encodes_once():
     model, processor = load(pull("whisper-base"))
     got = encoder_passes(model, processor, load_audio(LJ / "LJ001-0001.flac"))
     assert (got[False][1], got[True][1]) == (3, 1)
+    # cross-attention keys: detection, generate and the no-speech step each computed them; shared, the
+    # first step alone does and generate reuses them
+    assert (got[False][2], got[True][2]) == (3, 1)
     assert_same_transcript(got[True][0], got[False][0])
     assert got[True][0].language == "en"
     assert 0.0 < got[True][0].segments[0].no_speech_prob < 0.5
