@@ -128,7 +128,7 @@ def test_batch_encoder_runs_in_chunks_on_cpu(tiny, monkeypatch):
     torch.testing.assert_close(chunked, whole)
 
 
-def multilingual_copy(folder: Path, out: Path, timestamps: bool = True):
+def multilingual_copy(folder: Path, out: Path, timestamps: bool = True, device: str = "cpu", dtype: str = "float32"):
     """The tiny random Whisper with a multilingual generation config (two languages of the fixture's
     vocabulary: no language given, generate detects one); without timestamps on request."""
     import shutil
@@ -140,7 +140,7 @@ def multilingual_copy(folder: Path, out: Path, timestamps: bool = True):
     if not timestamps:
         del gen["no_timestamps_token_id"]
     (out / "generation_config.json").write_text(json.dumps(gen))
-    return load(out)
+    return load(out, device=device, dtype=dtype)
 
 
 def encoder_passes(model, processor, audio, **kw) -> dict:
@@ -202,10 +202,10 @@ def test_a_static_cache_config_gets_no_dynamic_cache(short_whisper_dir, tmp_path
         assert _first_step(model, encode(model, features))[1] is None
 
 
-def assert_same_transcript(a: Transcript, b: Transcript) -> None:
-    """Equal but for the no-speech probabilities, which agree to float32 rounding: computed one window at a
-    time with a shared encoder, all windows in one batch without."""
-    assert [s.no_speech_prob for s in a.segments] == pytest.approx([s.no_speech_prob for s in b.segments], rel=1e-4)
+def assert_same_transcript(a: Transcript, b: Transcript, rel: float = 1e-4) -> None:
+    """Equal but for the no-speech probabilities, which agree to rounding (`rel`; float32 by default):
+    computed one window at a time with a shared encoder, all windows in one batch without."""
+    assert [s.no_speech_prob for s in a.segments] == pytest.approx([s.no_speech_prob for s in b.segments], rel=rel)
     def strip(t: Transcript) -> Transcript:
         return dataclasses.replace(t, segments=[dataclasses.replace(s, no_speech_prob=0.0) for s in t.segments])
 
@@ -279,6 +279,17 @@ def test_concurrent_requests_keep_their_own_no_speech(short_whisper_dir, tmp_pat
         together = list(pool.map(lambda a: transcribe(model, processor, a, language="en"), audios * 2))
     for got, want in zip(together, alone * 2):
         assert_same_transcript(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_float16_request_shares_the_encoder(short_whisper_dir, tmp_path):
+    """The shared path on the service's GPU setting (float16): one encoder pass and one cross-attention
+    projection per window fewer, the same transcript (no-speech to float16 rounding)."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m", device="cuda", dtype="float16")
+    got = encoder_passes(model, processor, noise(4.0))
+    assert_same_transcript(got[True][0], got[False][0], rel=2e-2)
+    assert got[True][1] < got[False][1] and got[True][2] < got[False][2]
 
 
 def test_english_only_model_refuses_other_languages(tiny):
