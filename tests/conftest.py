@@ -86,6 +86,23 @@ def short_whisper_dir(tiny_whisper_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tone_wav():
+    """write(path, seconds, hz): a 16 kHz mono 16-bit WAV sine tone at `path`, which it returns."""
+    import wave
+
+    def write(path: Path, seconds: float, hz: float = 330.0) -> Path:
+        t = np.arange(int(seconds * 16000)) / 16000
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes((0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes())
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def speech_dir() -> Path:
     if not LJSPEECH.is_dir():
         pytest.skip(f"real speech not found at {LJSPEECH}")

@@ -1,27 +1,16 @@
 """bench/request.py on the tiny random Whisper: both settings run, are compared and counted. No timing is
 asserted (the benchmark reports, it never judges)."""
 import importlib.util
-import wave
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_request_bench_runs_both_settings(short_whisper_dir, tmp_path):
+def test_request_bench_runs_both_settings(short_whisper_dir, tmp_path, tone_wav):
     spec = importlib.util.spec_from_file_location("bench_request", ROOT / "bench" / "request.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    clips = []
-    for i, seconds in enumerate((2.0, 5.0)):
-        t = np.arange(int(seconds * 16000)) / 16000
-        with wave.open(str(tmp_path / f"tone{i}.wav"), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(16000)
-            w.writeframes((0.3 * np.sin(2 * np.pi * 330 * t) * 32767).astype("<i2").tobytes())
-        clips.append(tmp_path / f"tone{i}.wav")
+    clips = [tone_wav(tmp_path / f"tone{i}.wav", seconds) for i, seconds in enumerate((2.0, 5.0))]
     result = bench.measure(str(short_whisper_dir), clips, "float32", long_seconds=33)
     assert result["model"] == "tiny-whisper" and not result["multilingual"] and result["dtype"] == "float32"
     assert [c["clip"] for c in result["clips"]] == ["tone0.wav", "tone1.wav", "10 clips joined"]
