@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     transcribe_wait_seconds: float = 600.0
     device: str = "auto"  # worker device: auto (cuda if present), cpu, cuda, cuda:1 ...
     # transcription compute dtype (tarq.transcribe.compute_dtype); auto: float16 on CUDA, bfloat16 on
-    # CPUs where a bf16 matmul measures faster (tarq.qlinear.cpu_bf16_pays), float32 elsewhere
-    dtype: ComputeDtype = "float32"
+    # CPUs where a bf16 matmul measures faster (tarq.qlinear.cpu_bf16_pays), float32 elsewhere. bf16 scored
+    # the same WER as float32 at 1.8-2.7x the speed on an AMX Xeon (bench/results/dtype.md)
+    dtype: ComputeDtype = "auto"
     # whether int4 layers run their CPU dequantize-and-matmul path in bf16. tarq.qlinear reads
     # TARQ_CPU_BF16 itself (the library runs without the service); declared here so that serve and
     # worker refuse a bad value at start instead of failing the first job that reaches such a layer

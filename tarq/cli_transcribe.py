@@ -28,10 +28,11 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-dtype_option = click.option(
-    "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-    help="Compute dtype. auto: float16 on CUDA, bfloat16 on CPUs where a bf16 matmul measures faster than "
-    "float32 (with AMX about 2x), else float32.")
+def dtype_option(default: str):
+    return click.option(
+        "--dtype", type=click.Choice(DTYPES), default=default, show_default=True,
+        help="Compute dtype. auto: float16 on CUDA, bfloat16 on CPUs where a bf16 matmul measures faster than "
+        "float32 (with AMX about 2x), else float32.")
 
 
 @click.command()
@@ -44,7 +45,7 @@ dtype_option = click.option(
 @click.option("--temperature", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
 @click.option("--word-timestamps", is_flag=True, help="Add word timings (verbose_json shows them).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@dtype_option
+@dtype_option("auto")
 def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps, device, dtype):
     """Transcribe AUDIO files with MODEL (a model folder, Hub id, cached name or tarq artifact).
 
@@ -94,7 +95,7 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
 @click.option("--zipf-threshold", type=float, default=3.0, show_default=True,
               help="Rare = Zipf frequency below this.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@dtype_option
+@dtype_option("float32")  # scores compare across hosts; transcription picks what is fast here
 def eval_command(model, data_dir, json_out, batch_size, limit, zipf_threshold, device, dtype):
     """WER, rare-WER and common-WER of MODEL on --data (greedy, English, normalized text)."""
     from tqdm import tqdm

@@ -437,7 +437,7 @@ def test_transcription_dtype_setting_is_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("TARQ_DTYPE", "auto")
     assert Settings(data_dir=tmp_path).dtype == "auto"
     monkeypatch.delenv("TARQ_DTYPE")
-    assert Settings(data_dir=tmp_path).dtype == "float32"
+    assert Settings(data_dir=tmp_path).dtype == "auto"
     monkeypatch.setenv("TARQ_CPU_BF16", "yes")
     with pytest.raises(ValidationError, match="cpu_bf16"):
         Settings(data_dir=tmp_path)
