@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--audio", type=Path, default=SPEECH / "commonvoice-en-100")
     ap.add_argument("--clips", type=int, default=12)
     ap.add_argument("--long-seconds", type=float, default=120.0, help="one long-form request this long (0: none)")
-    ap.add_argument("--dtype", default="float32", help="as `tarq transcribe --dtype` (float32: the service default)")
+    ap.add_argument("--dtype", default="float32",
+                    help="as `tarq transcribe --dtype` (float32 computes alike on every host; the service runs auto)")
     ap.add_argument("--out", type=Path, default=RESULTS / "request.md")
     args = ap.parse_args()
 
