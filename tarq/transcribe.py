@@ -309,10 +309,11 @@ def _first_step(model, encoded, keep_cross: bool = True):
                        device=encoded.last_hidden_state.device)
     if not keep_cross or getattr(gc, "cache_implementation", None) is not None:
         return model(encoder_outputs=encoded, decoder_input_ids=start, use_cache=False).logits[:, 0], None
-    cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    config = model.config.get_text_config(decoder=True)  # what generate sizes its own caches by
+    cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
     logits = model(encoder_outputs=encoded, decoder_input_ids=start, cache=cache, use_cache=True).logits[:, 0]
     # a fresh self-attention part: generate decodes its whole prompt, <|startoftranscript|> included
-    return logits, EncoderDecoderCache(DynamicCache(config=model.config), cache.cross_attention_cache)
+    return logits, EncoderDecoderCache(DynamicCache(config=config), cache.cross_attention_cache)
 
 
 def _language_token(model, first: torch.Tensor) -> str:

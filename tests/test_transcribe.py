@@ -193,6 +193,24 @@ def test_first_step_hands_its_cross_attention_to_generate(short_whisper_dir, tmp
     assert shared.tolist() == alone.tolist()
 
 
+def test_a_distilled_shape_shares_the_cross_attention_too(tmp_path):
+    """distil-whisper's shape, many encoder layers and few decoder layers: the step's cache holds one
+    cross-attention entry per decoder layer and generate decodes on it to the same transcript."""
+    from conftest import build_tiny_whisper
+
+    folder = build_tiny_whisper(tmp_path / "distil", encoder_layers=3, decoder_layers=1)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "max_length": 16}))
+    model, processor = multilingual_copy(folder, tmp_path / "m", timestamps=False)
+    got = encoder_passes(model, processor, noise(3.0))
+    assert (got[False][1:], got[True][1:]) == ((2, 2), (1, 1))
+    assert got[True][0] == got[False][0]
+    with torch.inference_mode():
+        features, _ = _features(processor, [noise(3.0)], model, long_form=False)
+        cache = _first_step(model, encode(model, features))[1]
+    assert len(cache.cross_attention_cache.layers) == 1
+
+
 def test_a_static_cache_config_gets_no_dynamic_cache(short_whisper_dir, tmp_path):
     """A model set up for compiled decoding (a static cache) keeps generate's own cache."""
     model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
@@ -452,7 +470,7 @@ def test_real_batch_timing(tiny_en, capsys):
 
 @pytest.mark.slow
 def test_real_multilingual_request_encodes_once():
-    """whisper-base, language not given: one encoder pass instead of three, the same transcript."""
+    """whisper-base: one encoder pass instead of three (language detected) or two (given), the same transcript."""
     from tarq.audio import load_audio
     from tarq.hub import pull
 
@@ -467,3 +485,7 @@ def test_real_multilingual_request_encodes_once():
     assert_same_transcript(got[True][0], got[False][0])
     assert got[True][0].language == "en"
     assert 0.0 < got[True][0].segments[0].no_speech_prob < 0.5
+    # language given: generate and the no-speech step each encoded and projected; now one of each
+    given = encoder_passes(model, processor, load_audio(LJ / "LJ001-0001.flac"), language="en")
+    assert (given[False][1:], given[True][1:]) == ((2, 2), (1, 1))
+    assert_same_transcript(given[True][0], got[True][0])
