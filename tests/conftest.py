@@ -67,6 +67,13 @@ def processor_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def make_tiny_whisper():
+    """build_tiny_whisper(out, seed=0, **config overrides): a random tiny Whisper of another shape (a test
+    file cannot import conftest by name: tests/service has one too)."""
+    return build_tiny_whisper
+
+
+@pytest.fixture(scope="session")
 def tiny_whisper_dir(tmp_path_factory) -> Path:
     return build_tiny_whisper(tmp_path_factory.mktemp("models") / "tiny-whisper")
 

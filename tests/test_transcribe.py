@@ -193,12 +193,10 @@ def test_first_step_hands_its_cross_attention_to_generate(short_whisper_dir, tmp
     assert shared.tolist() == alone.tolist()
 
 
-def test_a_distilled_shape_shares_the_cross_attention_too(tmp_path):
+def test_a_distilled_shape_shares_the_cross_attention_too(make_tiny_whisper, tmp_path):
     """distil-whisper's shape, many encoder layers and few decoder layers: the step's cache holds one
     cross-attention entry per decoder layer and generate decodes on it to the same transcript."""
-    from conftest import build_tiny_whisper
-
-    folder = build_tiny_whisper(tmp_path / "distil", encoder_layers=3, decoder_layers=1)
+    folder = make_tiny_whisper(tmp_path / "distil", encoder_layers=3, decoder_layers=1)
     gen = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**gen, "max_length": 16}))
     model, processor = multilingual_copy(folder, tmp_path / "m", timestamps=False)
