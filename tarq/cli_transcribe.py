@@ -54,7 +54,7 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
     from tarq.audio import load_audio
     from tarq.formats import render
     from tarq.qlinear import counting_kernels
-    from tarq.transcribe import load
+    from tarq.transcribe import dtype_name, load
     from tarq.transcribe import transcribe as run
 
     try:
@@ -71,7 +71,10 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
                 bodies[name] = render(transcript, fmt, granularities=granularities)[0]
     except TarqError as e:
         raise click.ClickException(str(e)) from None
-    if kernels:  # on stderr: stdout stays the transcript alone
+    # on stderr: stdout stays the transcript alone
+    if dtype == "auto":
+        click.echo(f"compute dtype: {dtype_name(loaded_model.dtype)} (--dtype auto on {device})", err=True)
+    if kernels:
         click.echo("int4 layers ran: " + ", ".join(f"{k} {n} calls" for k, n in kernels.items()), err=True)
     if fmt in ("json", "verbose_json"):
         out = next(iter(bodies.values())) if len(bodies) == 1 else bodies

@@ -47,6 +47,11 @@ def compute_dtype(name: str, device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_bf16_pays() else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16": the names --dtype and TARQ_DTYPE take."""
+    return str(dtype).removeprefix("torch.")
+
+
 def load(source: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
     """(model, processor) for a model folder, a cached short name (whisper-tiny.en), a Hub id or a
     tarq artifact, in eval mode, computing in `dtype` (see compute_dtype; an artifact's int4 layers keep

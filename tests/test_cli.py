@@ -39,9 +39,15 @@ def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     # which kernels the int4 layers ran, on stderr: the encoder's 1500-frame calls take dequantize + matmul
     ran = [ln for ln in proc.stderr.splitlines() if ln.startswith("int4 layers ran: ")]
     assert len(ran) == 1 and "dequant" in ran[0] and " calls" in ran[0], proc.stderr
+    # and what --dtype auto (the default) resolved to here
+    from tarq.transcribe import compute_dtype, dtype_name
+
+    said = f"compute dtype: {dtype_name(compute_dtype('auto', 'cpu'))} (--dtype auto on cpu)"
+    assert said in proc.stderr.splitlines(), proc.stderr
     proc = tarq("transcribe", out, clip, "--format", "json", "--dtype", "bfloat16")  # int4 + bf16 elsewhere
     assert proc.returncode == 0, proc.stderr
     assert "text" in json.loads(proc.stdout)
+    assert "compute dtype" not in proc.stderr  # chosen, not resolved: nothing to say
     proc = tarq("transcribe", short_whisper_dir, clip, "--format", "text")  # no int4 layers: no such line
     assert proc.returncode == 0 and "int4 layers ran" not in proc.stderr, proc.stderr
 

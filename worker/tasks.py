@@ -7,8 +7,8 @@ and ends the job succeeded | failed | cancelled. A redelivered or duplicate mess
 claim and returns.
 
 tarq.transcribe(payload): a model cache per process; returns {"transcript": Transcript.to_dict(), "kernels":
-{path: QuantLinear calls}} or {"error": {"type", "message"}} for a user error, so the API can answer 422
-with the message.
+{path: QuantLinear calls}, "dtype": the compute dtype} or {"error": {"type", "message"}} for a user error,
+so the API can answer 422 with the message.
 """
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def transcribe(self, payload: dict) -> dict:
     from tarq.audio import load_audio
     from tarq.errors import TarqError
     from tarq.qlinear import counting_kernels
-    from tarq.transcribe import ModelCache
+    from tarq.transcribe import ModelCache, dtype_name
     from tarq.transcribe import transcribe as run
 
     global _cache
@@ -217,7 +217,7 @@ def transcribe(self, payload: dict) -> dict:
             transcript = run(loaded, processor, audio, language=payload.get("language"),
                              prompt=payload.get("prompt"), temperature=float(payload.get("temperature") or 0.0),
                              word_timestamps=bool(payload.get("word_timestamps")))
-        return {"transcript": transcript.to_dict(), "kernels": kernels}
+        return {"transcript": transcript.to_dict(), "kernels": kernels, "dtype": dtype_name(loaded.dtype)}
     except TarqError as err:
         return {"error": {"type": type(err).__name__, "message": str(err)}}
     except FileNotFoundError as err:

@@ -4,7 +4,8 @@ The API checks the upload, stores it, sends `tarq.transcribe` by name to the `tr
 waits for the worker's Transcript, which it renders with tarq.formats (torch-free). For a quantized
 model the `X-Tarq-Kernels` header says which kernel paths its int4 layers ran, with their call counts
 (tarq.qlinear), e.g. `dequant=60, int4pack-cpu=912`: an int4 model on the dequantize fallback
-everywhere is slower than the float one, and this is where an operator sees it."""
+everywhere is slower than the float one, and this is where an operator sees it. `X-Tarq-Compute-Dtype`
+says what the model computed in (TARQ_DTYPE=auto resolves per worker: bfloat16, float16 or float32)."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +27,7 @@ log = logging.getLogger("tarq.api")
 router = APIRouter(prefix="/v1/audio", tags=["audio"], responses=ERROR_RESPONSES)
 WHISPER_1 = "whisper-1"
 KERNELS_HEADER = "X-Tarq-Kernels"
+DTYPE_HEADER = "X-Tarq-Compute-Dtype"
 
 
 def resolve_model(model: str, settings: Settings, engine) -> dict:
@@ -126,8 +128,11 @@ def create_transcription(
         raise ApiError(status, err.get("message", "transcription failed"), param="file" if status == 422 else None,
                        code=err.get("type"))
     body, media = render(Transcript.from_dict(answer["transcript"]), response_format, granularities=granularities)
-    # an RFC 8941 dictionary: the paths are lower-case tokens
-    headers = {KERNELS_HEADER: ", ".join(f"{k}={n}" for k, n in sorted(kernels.items()))} if kernels else None
+    headers = {}
+    if kernels:  # an RFC 8941 dictionary: the paths are lower-case tokens
+        headers[KERNELS_HEADER] = ", ".join(f"{k}={n}" for k, n in sorted(kernels.items()))
+    if answer.get("dtype"):
+        headers[DTYPE_HEADER] = str(answer["dtype"])
     if isinstance(body, dict):
         return JSONResponse(body, headers=headers)
     return PlainTextResponse(body, media_type=media, headers=headers)
