@@ -22,10 +22,13 @@ def _device(device: str) -> str:
 
 
 def _quiet_transformers() -> None:
-    # Its per-load "Loading weights" bar would interleave with our output and progress bar.
+    # Its per-load "Loading weights" bar would interleave with our output and progress bar, and every
+    # generate call warns about how Whisper's own generate passes its arguments (three lines per clip that
+    # no user can act on); errors still print.
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def dtype_option(default: str):

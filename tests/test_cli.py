@@ -50,6 +50,7 @@ def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     assert "compute dtype" not in proc.stderr  # chosen, not resolved: nothing to say
     proc = tarq("transcribe", short_whisper_dir, clip, "--format", "text")  # no int4 layers: no such line
     assert proc.returncode == 0 and "int4 layers ran" not in proc.stderr, proc.stderr
+    assert "[transformers]" not in proc.stderr  # generate's warnings about its own arguments stay quiet
 
 
 def test_quantize_rtn_needs_no_calibration(tiny_whisper_dir, tmp_path):
