@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # the environment is then left alone).
     torch_threads: int = Field(default=0, ge=0)
     model_cache_size: int = 2  # loaded models kept per worker process
+    # comma-separated models (as a transcription's `model` names them) each worker process loads when it
+    # starts, so that the first request for them does not wait for the load
+    preload_models: str = ""
     default_model: str = ""  # what "whisper-1" (the OpenAI client's habit) maps to; empty: refused
     hub_offline: bool = False  # accept a Hub id only if it is already in the local HF cache
 
@@ -136,6 +139,10 @@ class Settings(BaseSettings):
         if client:
             options["client_kwargs"] = client
         return options
+
+    @property
+    def preload(self) -> list[str]:
+        return [m.strip() for m in self.preload_models.split(",") if m.strip()]
 
     @property
     def roots(self) -> list[Path]:

@@ -9,6 +9,7 @@ untruncated features. Compute stays in the model's dtype; on CPU load models in 
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from tarq.errors import AudioError, ModelError
 from tarq.formats import LANGUAGES, Segment, Transcript, Word
 from tarq.models.whisper import encode, is_multilingual
 
+log = logging.getLogger("tarq.transcribe")
 SAMPLE_RATE = 16000  # Whisper's; tarq.audio.load_audio returns audio at this rate
 WINDOW_SECONDS = 30.0  # one encoder pass; longer clips need timestamp-driven long-form decoding
 FRAMES_PER_SECOND = 100  # mel frames; OpenAI's `seek` is counted in them
@@ -77,14 +79,20 @@ class ModelCache:
         self._models: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, source: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    def get(self, source: str | Path, device: str = "cpu", dtype: str = "float32",
+            prepare=None) -> tuple[Any, Any]:
+        """The cached pair, loaded first if need be; `prepare(model)` runs after a load, still under the
+        lock, so that no other thread uses the model before it is done."""
         key = (str(source), device, dtype)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
             # Load under the lock: two threads asking for the same model must not load it twice.
+            log.info("loading model %s on %s (--dtype %s)", source, device, dtype)
             loaded = self._loader(source, device=device, dtype=dtype)
+            if prepare is not None:
+                prepare(loaded[0])
             self._models[key] = loaded
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)

@@ -396,6 +396,34 @@ def test_model_cache_is_lru():
         ModelCache(max_models=0)
 
 
+def test_model_cache_prepares_a_load_before_anyone_uses_it():
+    """`prepare` (a worker's preload warm-up) runs once, right after the load and under the cache's lock:
+    another thread asking for the model meanwhile gets it only when prepare is done."""
+    import threading
+
+    prepared, release, got = [], threading.Event(), []
+
+    def prepare(model):
+        prepared.append(model)
+        release.wait(10)
+
+    cache = ModelCache(loader=lambda source, device="cpu", dtype="float32": (f"model {source}", "processor"))
+    first = threading.Thread(target=cache.get, args=("a",), kwargs={"prepare": prepare})
+    first.start()
+    while not prepared:
+        time.sleep(0.01)
+    second = threading.Thread(target=lambda: got.append(cache.get("a")))
+    second.start()
+    second.join(0.3)
+    assert got == []  # still waiting for prepare
+    release.set()
+    first.join()
+    second.join()
+    assert got == [("model a", "processor")] and prepared == ["model a"]
+    cache.get("a", prepare=prepare)  # cached: nothing to prepare
+    assert prepared == ["model a"]
+
+
 # --- real weights ---------------------------------------------------------------------------------
 
 LJ = Path(__file__).resolve().parents[1].parent / "shared/data/speech/ljspeech-385"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import threading
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
@@ -113,6 +114,12 @@ def _init_pool_process(**_kw) -> None:
     settings = get_settings()
     share_cpu_threads(settings, _pool_processes)
     apply_memory_limit(settings)
+    if settings.preload:
+        # in the background: Celery gives a new pool process a few seconds to report ready, and a request
+        # that arrives meanwhile waits on the model cache's lock for the same load
+        from worker import tasks
+
+        threading.Thread(target=tasks.preload, args=(settings.preload,), name="tarq-preload", daemon=True).start()
 
 
 app = make_celery()

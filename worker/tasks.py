@@ -32,6 +32,7 @@ from worker.celery_app import app
 log = logging.getLogger("tarq.worker")
 _settings = get_settings()
 _cache = None
+_cache_made = threading.Lock()  # the preload thread and the first task may ask at once
 _storage = None
 
 
@@ -190,26 +191,64 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
+def model_cache():
+    """This process's loaded models (tarq.transcribe.ModelCache), made on first use."""
+    global _cache
+    with _cache_made:
+        if _cache is None:
+            from tarq.transcribe import ModelCache
+
+            _cache = ModelCache(max_models=get_settings().model_cache_size)
+    return _cache
+
+
+def model_files(model: dict) -> Path | str:
+    """Where a model the API resolved ({"artifact": id} or {"source": ...}) is read from."""
+    if "artifact" in model:
+        return storage().local_dir(f"artifacts/{model['artifact']}")
+    return model["source"]
+
+
+def preload(names: list[str]) -> None:
+    """Load `names` (as a transcription's `model` field names them) into this process's model cache and run
+    each encoder once, so that the first request for them pays neither the load nor the first call's
+    setup (kernel weight packing, oneDNN primitives). A name that does not resolve or load is logged and
+    skipped: the worker serves the others."""
+    import torch
+
+    from app.routes.transcriptions import resolve_model
+    from tarq.models.whisper import encode
+    from tarq.transcribe import dtype_name
+
+    def warm_up(model) -> None:  # under the cache's lock: a request waits for it, never runs beside it
+        with torch.inference_mode():
+            encode(model, torch.zeros(1, model.config.num_mel_bins, 3000, dtype=model.dtype, device=model.device))
+
+    settings = get_settings()
+    engine = get_engine(settings.database)
+    for name in names:
+        start = time.perf_counter()
+        try:
+            source = model_files(resolve_model(name, settings, engine))
+            model, _ = model_cache().get(str(source), device(), settings.dtype, prepare=warm_up)
+        except Exception as err:  # noqa: BLE001 -- any failure is this one model's: report it, go on
+            log.error("cannot preload model %r: %s", name, getattr(err, "message", None) or err)
+            continue
+        log.info("preloaded model %r (%s) in %.1f s", name, dtype_name(model.dtype), time.perf_counter() - start)
+
+
 @app.task(name="tarq.transcribe", bind=True, acks_late=True, reject_on_worker_lost=True,
           soft_time_limit=_settings.transcribe_time_limit, time_limit=_settings.transcribe_time_limit + 30)
 def transcribe(self, payload: dict) -> dict:
     from tarq.audio import load_audio
     from tarq.errors import TarqError
     from tarq.qlinear import counting_kernels
-    from tarq.transcribe import ModelCache, dtype_name
+    from tarq.transcribe import dtype_name
     from tarq.transcribe import transcribe as run
 
-    global _cache
     settings = get_settings()
-    if _cache is None:
-        _cache = ModelCache(max_models=settings.model_cache_size)
     try:
-        model = payload["model"]
-        if "artifact" in model:
-            source = storage().local_dir(f"artifacts/{model['artifact']}")
-        else:
-            source = model["source"]
-        loaded, processor = _cache.get(str(source), device(), settings.dtype)
+        loaded, processor = model_cache().get(str(model_files(payload["model"])), device(), settings.dtype)
         audio = load_audio(storage().get_bytes(payload["audio_key"]), name=payload.get("name"),
                            max_seconds=settings.max_audio_seconds)
         # a pool process runs one task at a time: the calls counted are this request's

@@ -294,3 +294,23 @@ def test_pool_processes_share_the_cores(started, tmp_path, subprocess_env):
     assert said("shared") == [(str(max(1, cores // 2)), str(cores))] * 2
     assert said("fixed") == [("3", "TARQ_TORCH_THREADS")]
     assert said("omp") == [("1", "OMP_NUM_THREADS")] * 2
+
+
+def test_worker_preloads_models(started, tmp_path, subprocess_env, clips):
+    """TARQ_PRELOAD_MODELS: a worker's pool process loads the named models when it starts, so the first
+    request for one loads nothing; a name that resolves to no model is reported and skipped."""
+    env = dict(subprocess_env, TARQ_API_KEYS="preload-key", TARQ_PRELOAD_MODELS="tiny-whisper, no-such-model")
+    port = free_port()
+    started.api(env, port)
+    started.worker(env)
+    log = tmp_path / "worker.log"
+    text = lambda: log.read_text(errors="replace")
+    _wait_for(lambda: "preloaded model 'tiny-whisper'" in text() and "cannot preload model 'no-such-model'" in text(),
+              120, "the preload")
+    assert re.search(r"preloaded model 'tiny-whisper' \((float32|bfloat16)\) in [\d.]+ s", text()), text()
+    assert "'no-such-model' is neither a model of this server" in text()
+    with _client(port, "preload-key") as client:
+        answer = client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper", "response_format": "json"},
+                             files={"file": (clips[0].name, clips[0].read_bytes(), "audio/flac")})
+        assert answer.status_code == 200, answer.text
+    assert len(re.findall(r"loading model \S*tiny-whisper", text())) == 1  # by the preload, not again
