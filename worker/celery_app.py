@@ -93,11 +93,15 @@ def share_cpu_threads(settings: Settings, pool_processes: int | None) -> int:
 
 
 _pool_processes: int | None = None  # set in the parent before the pool forks
+_serves_transcriptions = True  # likewise: whether this worker takes the transcribe queue (-Q)
 
 
 @worker_init.connect
-def _remember_pool_size(sender=None, **_kw) -> None:
-    global _pool_processes
+def _remember_pool_and_queues(sender=None, **_kw) -> None:
+    global _pool_processes, _serves_transcriptions
+    consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    if consumed is not None:
+        _serves_transcriptions = "transcribe" in consumed.consume_from
     pool = str(getattr(sender, "pool_cls", ""))
     concurrency = getattr(sender, "concurrency", None)
     if "prefork" not in pool:  # solo and thread pools run in one process: its threads are all there is
@@ -114,7 +118,7 @@ def _init_pool_process(**_kw) -> None:
     settings = get_settings()
     share_cpu_threads(settings, _pool_processes)
     apply_memory_limit(settings)
-    if settings.preload:
+    if settings.preload and _serves_transcriptions:  # a quantize-only worker would hold them for nothing
         # in the background: Celery gives a new pool process a few seconds to report ready, and a request
         # that arrives meanwhile waits on the model cache's lock for the same load
         from worker import tasks

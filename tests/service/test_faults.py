@@ -298,10 +298,12 @@ def test_pool_processes_share_the_cores(started, tmp_path, subprocess_env):
 
 def test_worker_preloads_models(started, tmp_path, subprocess_env, clips):
     """TARQ_PRELOAD_MODELS: a worker's pool process loads the named models when it starts, so the first
-    request for one loads nothing; a name that resolves to no model is reported and skipped."""
+    request for one loads nothing; a name that resolves to no model is reported and skipped. A worker that
+    takes no transcriptions (-Q quantize) loads none."""
     env = dict(subprocess_env, TARQ_API_KEYS="preload-key", TARQ_PRELOAD_MODELS="tiny-whisper, no-such-model")
     port = free_port()
     started.api(env, port)
+    started.start(tarq_command("worker", "-Q", "quantize"), env, "quantizer", kind="worker")
     started.worker(env)
     log = tmp_path / "worker.log"
     text = lambda: log.read_text(errors="replace")
@@ -314,3 +316,5 @@ def test_worker_preloads_models(started, tmp_path, subprocess_env, clips):
                              files={"file": (clips[0].name, clips[0].read_bytes(), "audio/flac")})
         assert answer.status_code == 200, answer.text
     assert len(re.findall(r"loading model \S*tiny-whisper", text())) == 1  # by the preload, not again
+    quantizer = (tmp_path / "quantizer.log").read_text(errors="replace")
+    assert " ready." in quantizer and not re.search("preloaded model|cannot preload|loading model", quantizer)
