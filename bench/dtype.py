@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "dtype.md")
     args = ap.parse_args()
 
-    from tarq.transcribe import compute_dtype
+    from tarq.transcribe import compute_dtype, dtype_name
 
     calib, _, holdout = split_ljspeech(128, 0, args.work)
     sets = {"commonvoice-en-100": (SPEECH / "commonvoice-en-100", None),
@@ -89,7 +89,7 @@ def main() -> None:
     models += [str(quantized(m, calib, args.work / "artifacts", args.batch_size)) for m in args.tarq.split(",") if m]
     results = [measure(m, sets, args.batch_size) for m in models]
 
-    auto = str(compute_dtype("auto", "cpu")).replace("torch.", "")
+    auto = dtype_name(compute_dtype("auto", "cpu"))
     lines = ["# Transcription compute dtype: float32 vs bfloat16", "",
              f"Command: `python bench/dtype.py {' '.join(sys.argv[1:])}`", "",
              f"Run: {environment('cpu')}. `--dtype auto` picks {auto} on this CPU.", "",

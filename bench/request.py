@@ -42,7 +42,7 @@ def measure(name: str, clips: list[Path], dtype: str, long_seconds: float = 0.0)
 
     from tarq.audio import load_audio
     from tarq.hub import pull
-    from tarq.transcribe import load, transcribe
+    from tarq.transcribe import dtype_name, load, transcribe
 
     model, processor = load(name if Path(name).is_dir() else str(pull(name)), dtype=dtype)
     # clip windows through the encoder, and windows whose cross-attention keys and values the decoder
@@ -76,7 +76,7 @@ def measure(name: str, clips: list[Path], dtype: str, long_seconds: float = 0.0)
                                       "segments": len(row[key]["transcript"]["segments"])}
         rows.append(row)
     return {"model": Path(name).name, "multilingual": bool(getattr(model.generation_config, "lang_to_id", None)),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "clips": rows}
+            "dtype": dtype_name(model.dtype), "clips": rows}
 
 
 def summary(model: dict, rows: list[dict], what: str) -> list[str]:

@@ -181,6 +181,7 @@ def job_kernels(device: str = "cpu", rows: tuple[int, ...] = (1, 8, 128, 1500), 
 
     from tarq.qlinear import QuantLinear
     from tarq.quantizer import rtn
+    from tarq.transcribe import dtype_name
 
     fp = torch.float16 if device.startswith("cuda") else torch.float32
     saved = QuantLinear.cpu_kernel_max_rows, QuantLinear.dense_dtype()
@@ -206,7 +207,7 @@ def job_kernels(device: str = "cpu", rows: tuple[int, ...] = (1, 8, 128, 1500), 
                 out.append(row)
     finally:
         QuantLinear.cpu_kernel_max_rows, QuantLinear.cpu_dense_dtype = saved
-    return {"device": device, "float_dtype": str(fp).replace("torch.", ""), "layers": out}
+    return {"device": device, "float_dtype": dtype_name(fp), "layers": out}
 
 
 def job_quantize(model: str, method: str, calib: str, out_dir: str, calib_n: int, device: str = "cpu",
@@ -429,13 +430,15 @@ def job_random_large(device: str = "cuda", variant: str = "eager", tokens: int =
     slow compile of one cannot take the other's numbers with it)."""
     import torch
 
+    from tarq.transcribe import dtype_name
+
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()
     fp = random_whisper(device, dtype, shape)
     q = rtn_int4(fp)
     build_s = time.perf_counter() - t0
     cfg = fp.config
-    results: dict = {"variant": variant, "device": device, "dtype": str(dtype).replace("torch.", ""),
+    results: dict = {"variant": variant, "device": device, "dtype": dtype_name(dtype),
                      "tokens": tokens, "build_seconds": build_s, "random_weights": True,
                      "shape": {k: getattr(cfg, k) for k in ("d_model", "encoder_layers", "decoder_layers",
                                                               "decoder_ffn_dim", "vocab_size")},
@@ -465,6 +468,7 @@ def job_large_quantize(device: str = "cuda", method: str = "tarq", clips: int = 
     from tarq.calibrate import CalibData
     from tarq.config import QuantConfig
     from tarq.sequential import Driver
+    from tarq.transcribe import dtype_name
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model = random_whisper(device, dtype, shape)
@@ -485,7 +489,7 @@ def job_large_quantize(device: str = "cuda", method: str = "tarq", clips: int = 
     driver = Driver(model, QuantConfig(method=method, num_samples=clips, batch_size=batch_size), progress=say)
     with Meter(device) as m:
         driver.run(data)
-    out = {"method": method, "device": device, "dtype": str(dtype).replace("torch.", ""), "clips": clips,
+    out = {"method": method, "device": device, "dtype": dtype_name(dtype), "clips": clips,
            "tokens": int(mask.sum()), "tail_tokens": int(tail.sum()), "batch_size": batch_size,
            "encoder_batch_size": driver.encoder_batch, "random_weights": True, "seconds": m.seconds,
            "stages": {k: round(v, 3) for k, v in driver.seconds.items()}, "layers": len(driver.quantized),

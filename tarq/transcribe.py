@@ -259,7 +259,7 @@ def transcribe(
                 first, cross = _first_step(model, encoded)
                 kwargs["language"] = _language_token(model, first)
         hook = None
-        if share_encoder and _no_speech_needs_a_step(model, timestamps):
+        if share_encoder and _no_speech_not_in_logits(model, timestamps):
             hook = model.get_decoder().register_forward_hook(_no_speech_recorder(model, windows, seen),
                                                             with_kwargs=True)
         try:
@@ -368,7 +368,7 @@ def _p_no_speech(logits: torch.Tensor, no_speech_id: int) -> list[float]:
     return logits.float().softmax(dim=-1)[:, no_speech_id].tolist()
 
 
-def _no_speech_needs_a_step(model, prompt_is_sot: bool) -> bool:
+def _no_speech_not_in_logits(model, prompt_is_sot: bool) -> bool:
     """Whether the no-speech probability is missing from the logits generate returns (see
     `_no_speech_probs`): read from generate's first step by `_no_speech_recorder`, or else a step of its own."""
     return _no_speech_id(model) is not None and not (prompt_is_sot and not is_multilingual(model))
