@@ -132,6 +132,11 @@ def list_jobs(engine: Engine, *, limit: int = 20, after: str | None = None, stat
         return [_row(r) for r in conn.execute(query)]
 
 
+def queued_ids(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.scalars(select(jobs.c.id).where(jobs.c.status == QUEUED).order_by(jobs.c.created_at)))
+
+
 def count_by_status(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
         rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -74,21 +76,63 @@ def serve(host: str, port: int, no_worker: bool, concurrency: int, log_level: st
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), env.get("PYTHONPATH")) if p)
         argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app",
                 *_worker_argv("quantize,transcribe", concurrency, log_level.upper(), settings.embedded_broker)]
-        worker = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        click.echo(f"worker: pid {worker.pid}, queues quantize,transcribe", err=True)
+        worker = EmbeddedWorker(argv, env)
     click.echo(f"API: http://{host}:{port}/v1 (docs at /docs), data in {settings.data_dir}", err=True)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=log_level)
     finally:
-        if worker is not None and worker.poll() is None:
+        if worker is not None:
+            worker.stop()
+
+
+class EmbeddedWorker:
+    """The worker `tarq serve` runs beside its API, started again whenever it dies: a laptop service has
+    no supervisor of its own. (A quantization the dead worker had taken is sent again when the next one
+    starts, app.embedded_broker; one it was running, by the API's reaper once its heartbeat stops.) While
+    it keeps dying young (a bad setting, say) the restarts back off to one a minute."""
+
+    def __init__(self, argv: list[str], env: dict):
+        self.argv, self.env = argv, env
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.proc = self._spawn()
+        threading.Thread(target=self._watch, name="tarq-worker-watch", daemon=True).start()
+
+    def _spawn(self) -> subprocess.Popen:
+        proc = subprocess.Popen(self.argv, env=self.env,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        click.echo(f"worker: pid {proc.pid}, queues quantize,transcribe", err=True)
+        return proc
+
+    def _watch(self) -> None:
+        delay = 0.5
+        while True:
+            started, proc = time.monotonic(), self.proc
+            code = proc.wait()
+            if self.stopping.is_set():
+                return
+            delay = 1.0 if time.monotonic() - started >= 60 else min(2 * delay, 60.0)
+            click.echo(f"worker: pid {proc.pid} exited with {code}; starting another in {delay:.0f} s", err=True)
+            if self.stopping.wait(delay):
+                return
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.proc = self._spawn()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping.set()
+            proc = self.proc
+        if proc.poll() is None:
             # warm shutdown: the worker finishes or gives back (late ack) what it holds
-            worker.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
             try:
-                worker.wait(timeout=30)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+                proc.kill()
+                proc.wait()
 
 
 @click.command("worker")

@@ -96,12 +96,16 @@ _pool_processes: int | None = None  # set in the parent before the pool forks
 _serves_transcriptions = True  # likewise: whether this worker takes the transcribe queue (-Q)
 
 
+def _consumes(sender, queue: str) -> bool:
+    """Whether the worker `sender` takes `queue` (-Q); True when it cannot tell."""
+    consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    return consumed is None or queue in consumed.consume_from
+
+
 @worker_init.connect
 def _remember_pool_and_queues(sender=None, **_kw) -> None:
     global _pool_processes, _serves_transcriptions
-    consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
-    if consumed is not None:
-        _serves_transcriptions = "transcribe" in consumed.consume_from
+    _serves_transcriptions = _consumes(sender, "transcribe")
     pool = str(getattr(sender, "pool_cls", ""))
     concurrency = getattr(sender, "concurrency", None)
     if "prefork" not in pool:  # solo and thread pools run in one process: its threads are all there is
@@ -110,6 +114,20 @@ def _remember_pool_and_queues(sender=None, **_kw) -> None:
         _pool_processes = len(os.sched_getaffinity(0))
     else:
         _pool_processes = int(concurrency) if concurrency else None
+
+
+@worker_init.connect
+def _resend_lost_jobs(sender=None, **_kw) -> None:
+    # before this worker consumes anything: see app.embedded_broker
+    settings = get_settings()
+    if not settings.embedded_broker or not _consumes(sender, "quantize"):
+        return
+    from app.embedded_broker import resend_lost_jobs
+
+    try:
+        resend_lost_jobs(settings, sender.app)
+    except Exception as err:  # noqa: BLE001 -- the worker still serves what is in the queue
+        log.error("could not look for lost jobs: %s", err)
 
 
 @worker_process_init.connect

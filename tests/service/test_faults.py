@@ -318,3 +318,51 @@ def test_worker_preloads_models(started, tmp_path, subprocess_env, clips):
     assert len(re.findall(r"loading model \S*tiny-whisper", text())) == 1  # by the preload, not again
     quantizer = (tmp_path / "quantizer.log").read_text(errors="replace")
     assert " ready." in quantizer and not re.search("preloaded model|cannot preload|loading model", quantizer)
+
+
+@pytest.mark.slow
+def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(started, tmp_path, subprocess_env):
+    """`tarq serve`'s own worker SIGKILLed after taking a quantization's message, before starting it: the
+    filesystem broker has no copy left (Redis would redeliver). serve starts another worker, which sends
+    the queued job again, and the job finishes."""
+    key = "embedded-key"
+    env = dict(subprocess_env, TARQ_API_KEYS=key)
+    port = free_port()
+    # its own session: teardown stops serve, its worker and that worker's pool together
+    serve = started.start(tarq_command("serve", "--port", str(port), "--concurrency", "1"), env, "serve",
+                          kind="worker")
+    wait_http(f"http://127.0.0.1:{port}/healthz", serve)
+    text = lambda: (tmp_path / "serve.log").read_text(errors="replace")  # noqa: E731
+    pids = lambda: [int(p) for p in re.findall(r"worker: pid (\d+)", text())]  # noqa: E731
+    _wait_for(lambda: pids() and " ready." in text(), 120, "the embedded worker starting")
+    first = pids()[0]
+    pool = _wait_for(lambda: _children_of(first), 30, "the worker's pool process")
+    os.kill(first, signal.SIGSTOP)  # it takes nothing from now on
+    with _client(port, key) as client:
+        answer = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"})
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        queue = tmp_path / "data" / "broker" / "queue"
+        for message in _wait_for(lambda: list(queue.glob("*.quantize.msg")), 10, "the job's message"):
+            message.unlink()  # what a worker that took the message leaves behind
+        os.kill(first, signal.SIGKILL)
+        _wait_for(lambda: len(pids()) == 2, 30, "serve starting another worker")
+        assert f"worker: pid {first} exited with -9" in text()
+        done = lambda: client.get(f"/v1/quantizations/{job_id}").json()["status"] not in ("queued", "running")  # noqa: E731
+        _wait_for(done, 120, "the job finishing", every=1)
+        final = client.get(f"/v1/quantizations/{job_id}").json()
+    assert final["status"] == "succeeded", final
+    assert f"job {job_id} was queued with no message" in text()
+    assert serve.poll() is None
+    # the dead worker's pool process did not stay behind
+    _wait_for(lambda: not [p for p in pool if _alive(p)], 30, "the killed worker's pool exiting")
+
+
+def _children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")

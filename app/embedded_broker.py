@@ -1,0 +1,58 @@
+"""What the embedded broker (Celery over kombu's filesystem transport) cannot do by itself: give back a
+message whose worker died.
+
+Redis redelivers a late-acked message when its worker is lost. The filesystem transport moves a message
+out of the queue folder when a worker takes it, so a worker killed after taking a quantization but
+before starting it (a running one has a heartbeat, which the API's reaper watches) leaves the job
+`queued` with no message anywhere. A worker that starts on this broker therefore sends again every
+queued job whose message is not in the folder. A job can be sent twice that way (a message another live
+worker holds, a submission between the database write and its message); that costs nothing: the first
+delivery claims the job and the second finds nothing to do (jobs.claim).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+
+from app import jobs
+from app.settings import Settings
+
+log = logging.getLogger("tarq.worker")
+
+
+def waiting_job_ids(queue_folder: Path) -> set[str]:
+    """The jobs that quantization messages in the folder are for. A file that cannot be read as one
+    (being written, or not ours) counts for none: at worst its job is sent again."""
+    found = set()
+    for path in queue_folder.glob("*.quantize.msg"):
+        try:
+            payload = json.loads(path.read_bytes())
+            if payload["headers"]["task"] != "tarq.quantize":
+                continue
+            body = payload["body"]
+            if payload.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            found.add(str(args[0]))
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue
+    return found
+
+
+def resend_lost_jobs(settings: Settings, celery) -> list[str]:
+    """Send again each queued job whose message is not in the embedded broker's queue folder; returns
+    their ids. Nothing to do on another broker."""
+    if not settings.embedded_broker:
+        return []
+    from app.db import get_engine
+    from app.routes.quantizations import send_quantize
+
+    queued = jobs.queued_ids(get_engine(settings.database))
+    waiting = waiting_job_ids(Path(settings.celery_config()["broker_transport_options"]["data_folder_in"]))
+    lost = [job_id for job_id in queued if job_id not in waiting]
+    for job_id in lost:
+        send_quantize(celery, job_id)
+        log.warning("job %s was queued with no message (its worker died holding it): sent again", job_id)
+    return lost
