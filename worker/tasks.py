@@ -247,16 +247,24 @@ def transcribe(self, payload: dict) -> dict:
     from tarq.transcribe import transcribe as run
 
     settings = get_settings()
+    seconds = {}  # where the worker's time went, for the API's Server-Timing header
     try:
+        start = time.perf_counter()
         loaded, processor = model_cache().get(str(model_files(payload["model"])), device(), settings.dtype)
+        seconds["model"] = time.perf_counter() - start
+        start = time.perf_counter()
         audio = load_audio(storage().get_bytes(payload["audio_key"]), name=payload.get("name"),
                            max_seconds=settings.max_audio_seconds)
+        seconds["audio"] = time.perf_counter() - start
+        start = time.perf_counter()
         # a pool process runs one task at a time: the calls counted are this request's
         with counting_kernels(loaded) as kernels:
             transcript = run(loaded, processor, audio, language=payload.get("language"),
                              prompt=payload.get("prompt"), temperature=float(payload.get("temperature") or 0.0),
                              word_timestamps=bool(payload.get("word_timestamps")))
-        return {"transcript": transcript.to_dict(), "kernels": kernels, "dtype": dtype_name(loaded.dtype)}
+        seconds["transcribe"] = time.perf_counter() - start
+        return {"transcript": transcript.to_dict(), "kernels": kernels, "dtype": dtype_name(loaded.dtype),
+                "seconds": seconds}
     except TarqError as err:
         return {"error": {"type": type(err).__name__, "message": str(err)}}
     except FileNotFoundError as err:

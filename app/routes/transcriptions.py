@@ -5,7 +5,8 @@ waits for the worker's Transcript, which it renders with tarq.formats (torch-fre
 model the `X-Tarq-Kernels` header says which kernel paths its int4 layers ran, with their call counts
 (tarq.qlinear), e.g. `dequant=60, int4pack-cpu=912`: an int4 model on the dequantize fallback
 everywhere is slower than the float one, and this is where an operator sees it. `X-Tarq-Compute-Dtype`
-says what the model computed in (TARQ_DTYPE=auto resolves per worker: bfloat16, float16 or float32)."""
+says what the model computed in (TARQ_DTYPE=auto resolves per worker: bfloat16, float16 or float32), and
+`Server-Timing` where the time went (`model;dur=0.1, audio;dur=9.8, transcribe;dur=2461.5, queue;dur=540.2`)."""
 from __future__ import annotations
 
 import logging
@@ -45,6 +46,15 @@ def resolve_model(model: str, settings: Settings, engine) -> dict:
     except ApiError as err:
         raise ApiError(404, f"model {model!r} is neither a model of this server (GET /v1/models) nor an allowed "
                             f"base model: {err.message}", param="model", code="model_not_found") from None
+
+
+def server_timing(worker: dict, waited: float) -> str:
+    """W3C Server-Timing (milliseconds): the worker's own steps (model: the model cache, a load on a
+    miss; audio: fetching and decoding the upload; transcribe) and queue: the rest of the time this API
+    waited for the answer (the broker, the result backend, the task's dispatch)."""
+    parts = {k: float(worker[k]) for k in ("model", "audio", "transcribe") if isinstance(worker.get(k), (int, float))}
+    parts["queue"] = max(0.0, waited - sum(parts.values()))
+    return ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in parts.items())
 
 
 @router.post("/transcriptions", responses={200: {"content": {"application/json": {}, "text/plain": {}}}})
@@ -118,7 +128,8 @@ def create_transcription(
         storage.delete(f"tmp/{request_id}")
     from app.routes.health import KERNEL_CALLS, TRANSCRIBE_SECONDS
 
-    TRANSCRIBE_SECONDS.observe(time.perf_counter() - started)
+    waited = time.perf_counter() - started
+    TRANSCRIBE_SECONDS.observe(waited)
     kernels = {str(k): int(n) for k, n in (answer.get("kernels") or {}).items()}
     for kernel, calls in kernels.items():
         KERNEL_CALLS.labels(kernel=kernel).inc(calls)
@@ -133,6 +144,8 @@ def create_transcription(
         headers[KERNELS_HEADER] = ", ".join(f"{k}={n}" for k, n in sorted(kernels.items()))
     if answer.get("dtype"):
         headers[DTYPE_HEADER] = str(answer["dtype"])
+    if isinstance(answer.get("seconds"), dict):
+        headers["Server-Timing"] = server_timing(answer["seconds"], waited)
     if isinstance(body, dict):
         return JSONResponse(body, headers=headers)
     return PlainTextResponse(body, media_type=media, headers=headers)

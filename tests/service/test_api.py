@@ -443,3 +443,12 @@ def test_transcription_dtype_setting_is_checked(monkeypatch, tmp_path):
         Settings(data_dir=tmp_path)
     monkeypatch.setenv("TARQ_CPU_BF16", "0")
     assert Settings(data_dir=tmp_path).cpu_bf16 == "0"
+
+
+def test_server_timing_names_the_workers_steps_and_the_rest():
+    from app.routes.transcriptions import server_timing
+
+    assert server_timing({"model": 0.5, "audio": 0.01, "transcribe": 2.0}, 3.0) == \
+        "model;dur=500.0, audio;dur=10.0, transcribe;dur=2000.0, queue;dur=490.0"
+    # a worker of an older version reports fewer steps; the queue is never negative
+    assert server_timing({"transcribe": 2.0, "model": "?"}, 1.5) == "transcribe;dur=2000.0, queue;dur=0.0"

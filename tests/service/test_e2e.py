@@ -94,7 +94,7 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
 def check_kernels_reported(client: httpx.Client, model_id: str, clip) -> None:
     """X-Tarq-Kernels names the paths the int4 layers ran with their calls (absent for a float model),
     and /metrics adds them up. X-Tarq-Compute-Dtype says what TARQ_DTYPE=auto (the default) resolved to
-    on this CPU, for either model."""
+    on this CPU, for either model; Server-Timing where the time went."""
     from tarq.qlinear import KERNELS
     from tarq.transcribe import compute_dtype, dtype_name
 
@@ -111,6 +111,10 @@ def check_kernels_reported(client: httpx.Client, model_id: str, clip) -> None:
     assert "x-tarq-kernels" not in base
     # the bf16 probe lands far from its threshold on every CPU measured (0.7-0.8x or 2.3-6x float32)
     assert quantized["x-tarq-compute-dtype"] == base["x-tarq-compute-dtype"] == dtype_name(compute_dtype("auto", "cpu"))
+    for headers in (quantized, base):  # where the time went: the worker's steps and the rest
+        timing = dict(entry.split(";dur=") for entry in headers["server-timing"].split(", "))
+        assert list(timing) == ["model", "audio", "transcribe", "queue"], timing
+        assert all(float(ms) >= 0 for ms in timing.values()) and float(timing["transcribe"]) > 0, timing
     metrics = client.get("/metrics").text
     for kernel, calls in ran.items():
         [line] = [ln for ln in metrics.splitlines() if ln.startswith(f'tarq_quantlinear_calls_total{{kernel="{kernel}"}}')]
