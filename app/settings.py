@@ -181,6 +181,9 @@ class Settings(BaseSettings):
                 "control_folder": str(folder / "control"),
                 "processed_folder": str(folder / "processed"),
                 "store_processed": False,
+                # an idle worker looks for messages this often (kombu's default, 1 s, was on average half a
+                # second of every transcription's latency: bench/preload.py); listing a folder is cheap
+                "polling_interval": 0.1,
             }
             config["database_engine_options"] = {"connect_args": {"timeout": 30}}
         elif self.broker.startswith(("redis://", "rediss://")):

@@ -57,8 +57,20 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def idle_cpu(pid: int, seconds: float) -> float:
+    """The share of one core the worker's main process (the one that polls the broker) used over `seconds`
+    with nothing to do."""
+    def ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    before = ticks()
+    time.sleep(seconds)
+    return (ticks() - before) / os.sysconf("SC_CLK_TCK") / seconds
+
+
 def measure(model_root: Path, model: str, clip: Path, requests: int, preload: bool, timeout: float,
-            concurrency: int = 2) -> dict:
+            concurrency: int = 2, idle_seconds: float = 10.0) -> dict:
     """One server: start it, wait until it is ready (and has preloaded), send `requests` transcriptions one
     after another. Each pool process of the worker keeps its own model cache, so a cold server loads the
     model once in every process that takes a request, a preloading one once in every process at start."""
@@ -80,6 +92,7 @@ def measure(model_root: Path, model: str, clip: Path, requests: int, preload: bo
                 if "cannot preload" in text():
                     raise RuntimeError(f"the worker could not preload {model!r}:\n{text()[-2000:]}")
             preloaded = time.perf_counter() - start
+            idle = idle_cpu(int(re.search(r"worker: pid (\d+)", text()).group(1)), idle_seconds)
             at_start, latencies, texts, loaded_by, timings = loads(), [], [], [], []
             mime = mimetypes.guess_type(clip.name)[0] or "application/octet-stream"
             with httpx.Client(base_url=at["base"], headers={"Authorization": f"Bearer {at['key']}"},
@@ -100,7 +113,7 @@ def measure(model_root: Path, model: str, clip: Path, requests: int, preload: bo
             stop(proc)
     return {"mode": "preload" if preload else "cold", "processes": concurrency, "ready_seconds": ready,
             "preloaded_seconds": preloaded if preload else None, "latencies": latencies, "texts": texts,
-            "loads_at_start": at_start, "loaded_by_request": loaded_by, "server_timing": timings, "dtype": dtype}
+            "loads_at_start": at_start, "loaded_by_request": loaded_by, "server_timing": timings, "dtype": dtype, "idle_worker_cpu": idle}
 
 
 def rows(results: list[dict]) -> list[list[str]]:
@@ -114,7 +127,8 @@ def rows(results: list[dict]) -> list[list[str]]:
                         f"{r['preloaded_seconds']:.1f}" if first and r["preloaded_seconds"] is not None else "",
                         str(r["loads_at_start"]) if first else "", str(i + 1), f"{seconds:.2f}",
                         "yes" if loaded else "no",
-                        *(f"{timing.get(k, float('nan')):.2f}" for k in ("model", "audio", "transcribe", "queue"))])
+                        *(f"{timing.get(k, float('nan')):.2f}" for k in ("model", "audio", "transcribe", "queue")),
+                        f"{100 * r['idle_worker_cpu']:.1f}" if first else ""])
     return out
 
 
@@ -139,7 +153,7 @@ def main() -> None:
         results.append(measure(folder.parent, folder.name, args.clip, args.requests, mode == "preload", args.timeout))
         print(f"  latencies {[round(x, 2) for x in results[-1]['latencies']]}", flush=True)
     header = ["mode", "dtype", "ready s", "preloaded s", "loads before requests", "request", "latency s",
-              "loaded the model", "model s", "audio s", "transcribe s", "queue s"]
+              "loaded the model", "model s", "audio s", "transcribe s", "queue s", "idle worker % of a core"]
     lines = [
         "# First request with and without TARQ_PRELOAD_MODELS",
         "",
@@ -154,7 +168,8 @@ def main() -> None:
         "latencies are client-side. loaded the model: whether a pool process loaded it during that request "
         "(a cold server loads it in each process the first time that process takes a request). model, audio, "
         "transcribe, queue: the response's Server-Timing (the worker's model cache, audio fetch and decode, "
-        "transcription, and the rest of the API's wait: broker, result backend, dispatch).",
+        "transcription, and the rest of the API's wait: broker, result backend, dispatch). idle worker: the CPU "
+        "the worker's main process (which polls the broker) used over 10 s before the requests.",
         "",
         *table(header, rows(results)),
         "",

@@ -22,7 +22,8 @@ def _bench(name: str):
 def test_preload_bench_loads_before_the_first_request(tmp_path, clips):
     bench = _bench("preload")
     model = _bench("load").build_model(tmp_path / "models")  # the tiny Whisper cut to 16 decoded tokens
-    runs = [bench.measure(model.parent, model.name, clips[0], requests=3, preload=preload, timeout=180)
+    runs = [bench.measure(model.parent, model.name, clips[0], requests=3, preload=preload, timeout=180,
+                          idle_seconds=1)
             for preload in (False, True)]
     cold, warm = runs
     assert cold["mode"] == "cold" and cold["preloaded_seconds"] is None and cold["loads_at_start"] == 0
@@ -33,6 +34,7 @@ def test_preload_bench_loads_before_the_first_request(tmp_path, clips):
     for run in runs:
         assert len(run["latencies"]) == 3 and run["dtype"] in ("float32", "bfloat16")
         assert [list(t) for t in run["server_timing"]] == [["model", "audio", "transcribe", "queue"]] * 3
+        assert 0 <= run["idle_worker_cpu"] < 2  # a share of one core, and the process has one thread polling
     assert warm["texts"] == cold["texts"] and len(set(cold["texts"])) == 1
     rows = bench.rows(runs)
     assert [r[0] for r in rows] == ["cold", "", "", "preload", "", ""]
