@@ -63,6 +63,21 @@ def test_corrupt_weights(tiny_whisper_dir, tmp_path):
         load_whisper(m)
 
 
+def test_weights_lacking_tensors_refused(tiny_whisper_dir, tmp_path):
+    """transformers would fill them with random values; a tied output projection is not missing."""
+    from safetensors.torch import load_file, save_file
+
+    m = copy_model(tiny_whisper_dir, tmp_path / "m")
+    tensors = load_file(m / "model.safetensors")
+    assert "proj_out.weight" not in tensors  # tied to the token embedding, as Whisper checkpoints store it
+    for name in ("model.decoder.layers.0.fc1.weight", "model.decoder.layers.0.fc1.bias"):
+        del tensors[name]
+    save_file(tensors, m / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"lack 2 tensors the config needs: model\.decoder\.layers\.0\.fc1\.bias, "
+                                         r"model\.decoder\.layers\.0\.fc1\.weight"):
+        load_whisper(m)
+
+
 def test_unreachable_hub_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="Hugging Face Hub"):

@@ -78,9 +78,15 @@ def load_whisper(source: str | Path, device: str = "cpu", dtype=None):
         return (model if dtype is None else model.to(dtype)), processor
     check_folder(path)
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(
-            path, use_safetensors=True, dtype=dtype or torch.float32)
+        model, info = WhisperForConditionalGeneration.from_pretrained(
+            path, use_safetensors=True, dtype=dtype or torch.float32, output_loading_info=True)
         processor = WhisperProcessor.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise ModelError(f"cannot load Whisper from {path}: {str(e).splitlines()[0]}") from None
+    # transformers fills weights the files lack with random values and only logs it: a truncated or
+    # mis-converted folder would quantize and transcribe garbage without a word
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(f"{path}: the weights lack {len(missing)} tensors the config needs: "
+                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     return model.to(device).eval(), processor
