@@ -1,5 +1,5 @@
 """What the embedded broker (Celery over kombu's filesystem transport) cannot do by itself: give back a
-message whose worker died.
+message whose worker died, a quantization's (resend_lost_jobs) or a transcription's (wait).
 
 Redis redelivers a late-acked message when its worker is lost. The filesystem transport moves a message
 out of the queue folder when a worker takes it, so a worker killed after taking a quantization but
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from pathlib import Path
 
 from app import jobs
@@ -22,23 +23,64 @@ from app.settings import Settings
 log = logging.getLogger("tarq.worker")
 
 
-def waiting_job_ids(queue_folder: Path) -> set[str]:
-    """The jobs that quantization messages in the folder are for. A file that cannot be read as one
-    (being written, or not ours) counts for none: at worst its job is sent again."""
-    found = set()
-    for path in queue_folder.glob("*.quantize.msg"):
+def _messages(queue_folder: Path, queue: str):
+    """(headers, args) of each message waiting in `queue`. A file that cannot be read as one (being
+    written, or not ours) is skipped: at worst its job or task is sent again."""
+    for path in queue_folder.glob(f"*.{queue}.msg"):
         try:
             payload = json.loads(path.read_bytes())
-            if payload["headers"]["task"] != "tarq.quantize":
-                continue
             body = payload["body"]
             if payload.get("properties", {}).get("body_encoding") == "base64":
                 body = base64.b64decode(body)
-            args = json.loads(body)[0]
-            found.add(str(args[0]))
+            yield payload["headers"], json.loads(body)[0]
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             continue
-    return found
+
+
+def waiting_job_ids(queue_folder: Path) -> set[str]:
+    """The jobs that quantization messages in the folder are for."""
+    return {str(args[0]) for headers, args in _messages(queue_folder, "quantize")
+            if headers.get("task") == "tarq.quantize" and args}
+
+
+def waiting_task_ids(queue_folder: Path, queue: str) -> set[str]:
+    return {str(headers.get("id")) for headers, _ in _messages(queue_folder, queue)}
+
+
+def queue_folder(settings: Settings) -> Path:
+    return Path(settings.celery_config()["broker_transport_options"]["data_folder_in"])
+
+
+def wait(result, timeout: float, settings: Settings, resend, grace: float = 10.0):
+    """result.get(timeout) that, on the embedded broker, calls resend() when the task's message has left
+    the queue folder and no worker has started it for `grace` seconds: the worker that took it died (a
+    live one starts what it takes at once: it takes no more than its pool can start). resend() sends the
+    same task under the same id; should both copies run, the result is written twice, alike."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    if not settings.embedded_broker:
+        return result.get(timeout=timeout, propagate=True, interval=0.05)
+    deadline = time.monotonic() + timeout
+    folder, queue = queue_folder(settings), "transcribe"
+    taken_since = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CeleryTimeout(f"no result within {timeout} s")
+        try:
+            # interval: how often the database result backend is polled (Celery's 0.5 s default added a
+            # quarter of a second to the average request)
+            return result.get(timeout=min(left, 2.0), propagate=True, interval=0.05)
+        except CeleryTimeout:
+            pass
+        if result.state != "PENDING" or result.id in waiting_task_ids(folder, queue):
+            taken_since = None
+        elif taken_since is None:
+            taken_since = time.monotonic()
+        elif time.monotonic() - taken_since >= grace:
+            log.warning("task %s was taken by a worker that never started it (it died): sent again", result.id)
+            resend()
+            taken_since = None
 
 
 def resend_lost_jobs(settings: Settings, celery) -> list[str]:
@@ -50,7 +92,7 @@ def resend_lost_jobs(settings: Settings, celery) -> list[str]:
     from app.routes.quantizations import send_quantize
 
     queued = jobs.queued_ids(get_engine(settings.database))
-    waiting = waiting_job_ids(Path(settings.celery_config()["broker_transport_options"]["data_folder_in"]))
+    waiting = waiting_job_ids(queue_folder(settings))
     lost = [job_id for job_id in queued if job_id not in waiting]
     for job_id in lost:
         send_quantize(celery, job_id)

@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from app import jobs
+from app import embedded_broker, jobs
 from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
 from app.routes.quantizations import PUBLISH_RETRY
 from app.schemas import ERROR_RESPONSES, ApiError
@@ -101,17 +101,17 @@ def create_transcription(
     payload = {"model": source, "audio_key": key, "name": name, "language": language, "prompt": prompt,
                "temperature": temperature, "word_timestamps": "word" in granularities}
     started = time.perf_counter()
+    send = lambda task_id=None: celery.send_task("tarq.transcribe", args=[payload], queue="transcribe",  # noqa: E731
+                                                 retry_policy=PUBLISH_RETRY, task_id=task_id)
     try:
         try:
-            result = celery.send_task("tarq.transcribe", args=[payload], queue="transcribe",
-                                      retry_policy=PUBLISH_RETRY)
+            result = send()
         except Exception as err:
             raise ApiError(503, f"the job queue (broker) is unavailable: {type(err).__name__}", type="server_error",
                            code="broker_unavailable") from None
         try:
-            # interval: how often a database result backend is polled (Celery's 0.5 s default added a quarter
-            # of a second to the average request); Redis pushes the result and ignores it
-            answer = result.get(timeout=settings.transcribe_wait_seconds, propagate=True, interval=0.05)
+            answer = embedded_broker.wait(result, settings.transcribe_wait_seconds, settings,
+                                          resend=lambda: send(result.id))
         except Exception as err:
             from celery.exceptions import TimeoutError as CeleryTimeout
 

@@ -4,6 +4,7 @@
 (The worker SIGKILLed mid-job is in test_e2e.py; the database down in test_api.py.)"""
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import shutil
@@ -321,12 +322,13 @@ def test_worker_preloads_models(started, tmp_path, subprocess_env, clips):
 
 
 @pytest.mark.slow
-def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(started, tmp_path, subprocess_env):
-    """`tarq serve`'s own worker SIGKILLed after taking a quantization's message, before starting it: the
-    filesystem broker has no copy left (Redis would redeliver). serve starts another worker, which sends
-    the queued job again, and the job finishes."""
+def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(started, tmp_path, subprocess_env, clips):
+    """`tarq serve`'s own worker SIGKILLed after taking a quantization's and a transcription's messages,
+    before starting them: the filesystem broker has no copy left (Redis would redeliver). serve starts
+    another worker, which sends the queued job again; the API, seeing the transcription's message gone and
+    the task never started, sends it again. Both finish."""
     key = "embedded-key"
-    env = dict(subprocess_env, TARQ_API_KEYS=key)
+    env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_TRANSCRIBE_WAIT_SECONDS="120")
     port = free_port()
     # its own session: teardown stops serve, its worker and that worker's pool together
     serve = started.start(tarq_command("serve", "--port", str(port), "--concurrency", "1"), env, "serve",
@@ -338,21 +340,27 @@ def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(star
     first = pids()[0]
     pool = _wait_for(lambda: _children_of(first), 30, "the worker's pool process")
     os.kill(first, signal.SIGSTOP)  # it takes nothing from now on
-    with _client(port, key) as client:
+    with _client(port, key) as client, concurrent.futures.ThreadPoolExecutor(1) as background:
         answer = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"})
         assert answer.status_code == 202, answer.text
         job_id = answer.json()["id"]
+        transcription = background.submit(client.post, "/v1/audio/transcriptions", data={"model": "tiny-whisper"},
+                                    files={"file": (clips[0].name, clips[0].read_bytes(), "audio/flac")}, timeout=200)
         queue = tmp_path / "data" / "broker" / "queue"
-        for message in _wait_for(lambda: list(queue.glob("*.quantize.msg")), 10, "the job's message"):
-            message.unlink()  # what a worker that took the message leaves behind
+        for kind in ("quantize", "transcribe"):
+            for message in _wait_for(lambda: list(queue.glob(f"*.{kind}.msg")), 10, f"the {kind} message"):
+                message.unlink()  # what a worker that took the message leaves behind
         os.kill(first, signal.SIGKILL)
         _wait_for(lambda: len(pids()) == 2, 30, "serve starting another worker")
         assert f"worker: pid {first} exited with -9" in text()
         done = lambda: client.get(f"/v1/quantizations/{job_id}").json()["status"] not in ("queued", "running")  # noqa: E731
         _wait_for(done, 120, "the job finishing", every=1)
         final = client.get(f"/v1/quantizations/{job_id}").json()
+        answered = transcription.result()
     assert final["status"] == "succeeded", final
     assert f"job {job_id} was queued with no message" in text()
+    assert answered.status_code == 200 and isinstance(answered.json()["text"], str), answered.text
+    assert "was taken by a worker that never started it (it died): sent again" in text()
     assert serve.poll() is None
     # the dead worker's pool process did not stay behind
     _wait_for(lambda: not [p for p in pool if _alive(p)], 30, "the killed worker's pool exiting")
