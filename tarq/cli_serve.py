@@ -100,7 +100,9 @@ class EmbeddedWorker:
         threading.Thread(target=self._watch, name="tarq-worker-watch", daemon=True).start()
 
     def _spawn(self) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv, env=self.env,
+        # A session of its own: Ctrl-C in the terminal reaches serve alone, which stops the worker itself
+        # (a worker that the terminal's SIGINT stopped first would look dead and be started again).
+        proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         click.echo(f"worker: pid {proc.pid}, queues quantize,transcribe", err=True)
         return proc
