@@ -322,7 +322,8 @@ def test_worker_preloads_models(started, tmp_path, subprocess_env, clips):
 
 
 @pytest.mark.slow
-def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(started, tmp_path, subprocess_env, clips):
+def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(started, tmp_path, subprocess_env,
+                                                                             tone_wav):
     """`tarq serve`'s own worker SIGKILLed after taking a quantization's and a transcription's messages,
     before starting them: the filesystem broker has no copy left (Redis would redeliver). serve starts
     another worker, which sends the queued job again; the API, seeing the transcription's message gone and
@@ -344,8 +345,9 @@ def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(star
         answer = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"})
         assert answer.status_code == 202, answer.text
         job_id = answer.json()["id"]
+        clip = tone_wav(tmp_path / "tone.wav", 2.0)
         transcription = background.submit(client.post, "/v1/audio/transcriptions", data={"model": "tiny-whisper"},
-                                    files={"file": (clips[0].name, clips[0].read_bytes(), "audio/flac")}, timeout=200)
+                                          files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
         queue = tmp_path / "data" / "broker" / "queue"
         for kind in ("quantize", "transcribe"):
             for message in _wait_for(lambda: list(queue.glob(f"*.{kind}.msg")), 10, f"the {kind} message"):

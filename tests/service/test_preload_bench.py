@@ -19,10 +19,11 @@ def _bench(name: str):
     return module
 
 
-def test_preload_bench_loads_before_the_first_request(tmp_path, clips):
+def test_preload_bench_loads_before_the_first_request(tmp_path, tone_wav):
     bench = _bench("preload")
+    clip = tone_wav(tmp_path / "tone.wav", 2.0)
     model = _bench("load").build_model(tmp_path / "models")  # the tiny Whisper cut to 16 decoded tokens
-    runs = [bench.measure(model.parent, model.name, clips[0], requests=3, preload=preload, timeout=180,
+    runs = [bench.measure(model.parent, model.name, clip, requests=3, preload=preload, timeout=180,
                           idle_seconds=1)
             for preload in (False, True)]
     cold, warm = runs
