@@ -20,7 +20,7 @@ from pathlib import Path
 from app import jobs
 from app.settings import Settings
 
-log = logging.getLogger("tarq.worker")
+log = logging.getLogger("tarq.worker")  # resend_lost_jobs runs in a starting worker; wait() in the API
 
 
 def _messages(queue_folder: Path, queue: str):
@@ -78,7 +78,8 @@ def wait(result, timeout: float, settings: Settings, resend, grace: float = 10.0
         elif taken_since is None:
             taken_since = time.monotonic()
         elif time.monotonic() - taken_since >= grace:
-            log.warning("task %s was taken by a worker that never started it (it died): sent again", result.id)
+            logging.getLogger("tarq.api").warning(
+                "task %s was taken by a worker that never started it (it died): sent again", result.id)
             resend()
             taken_since = None
 
