@@ -297,7 +297,7 @@ def test_pool_processes_share_the_cores(started, tmp_path, subprocess_env):
     assert said("omp") == [("1", "OMP_NUM_THREADS")] * 2
 
 
-def test_worker_preloads_models(started, tmp_path, subprocess_env, clips):
+def test_worker_preloads_models(started, tmp_path, subprocess_env, tone_wav):
     """TARQ_PRELOAD_MODELS: a worker's pool process loads the named models when it starts, so the first
     request for one loads nothing; a name that resolves to no model is reported and skipped. A worker that
     takes no transcriptions (-Q quantize) loads none."""
@@ -313,8 +313,9 @@ def test_worker_preloads_models(started, tmp_path, subprocess_env, clips):
     assert re.search(r"preloaded model 'tiny-whisper' \((float32|bfloat16)\) in [\d.]+ s", text()), text()
     assert "'no-such-model' is neither a model of this server" in text()
     with _client(port, "preload-key") as client:
+        clip = tone_wav(tmp_path / "tone.wav", 2.0)
         answer = client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper", "response_format": "json"},
-                             files={"file": (clips[0].name, clips[0].read_bytes(), "audio/flac")})
+                             files={"file": (clip.name, clip.read_bytes(), "audio/wav")})
         assert answer.status_code == 200, answer.text
     assert len(re.findall(r"loading model \S*tiny-whisper", text())) == 1  # by the preload, not again
     quantizer = (tmp_path / "quantizer.log").read_text(errors="replace")
