@@ -48,7 +48,8 @@ def measure(name: str, clips: list[Path], dtype: str, long_seconds: float = 0.0)
     # clip windows through the encoder, and windows whose cross-attention keys and values the decoder
     # computed (every decoder layer projects all 1500 frames; layer 0 counts), a batched call counting each
     encoded, cross = [0], [0]
-    model.get_encoder().register_forward_hook(lambda _m, _a, out: encoded.__setitem__(0, encoded[0] + len(out[0])))
+    # (the encoder's first layer, which an encoding handed back to generate does not run)
+    model.get_encoder().conv1.register_forward_hook(lambda _m, args, _o: encoded.__setitem__(0, encoded[0] + len(args[0])))
     model.get_decoder().layers[0].encoder_attn.k_proj.register_forward_hook(
         lambda _m, args, _o: cross.__setitem__(0, cross[0] + len(args[0])))
     audios = [load_audio(c) for c in clips]

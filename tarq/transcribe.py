@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import types
 import zlib
+from contextlib import contextmanager
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -199,7 +201,9 @@ def transcribe(
     A clip of up to 30 s is encoded once, and language detection, decoding and the no-speech
     probability all read that encoder output; left to themselves, transformers' language detection and
     the no-speech step would each run the encoder again (three passes for a multilingual model). In
-    long-form decoding each window's no-speech step reads the encoder output `generate` made for it.
+    long-form decoding each window's no-speech step reads the encoder output `generate` made for it, and
+    a multilingual model's language is detected from the first window's encoding, which generate then
+    takes instead of encoding that window again.
     `share_encoder=False` lets them (the same transcript, slower: `python bench/request.py` compares).
     """
     audio = _check_audio(audio)
@@ -258,12 +262,23 @@ def transcribe(
                 # generate then reuses
                 first, cross = _first_step(model, encoded)
                 kwargs["language"] = _language_token(model, first)
+        reused = None
+        if share_encoder and long_form and "language" not in kwargs and is_multilingual(model):
+            # transformers would detect the language from an encoding of the first window of its own, then
+            # encode that window again in its long-form loop: detect from one encoding here and hand it to
+            # the loop (which takes no encoder output) through the encoder itself
+            window = features[..., : int(WINDOW_SECONDS * FRAMES_PER_SECOND)]
+            reused = (window, encode(model, window))
+            kwargs["language"] = _language_token(model, _first_step_logits(model, reused[1]))
         hook = None
         if share_encoder and _no_speech_not_in_logits(model, timestamps):
             hook = model.get_decoder().register_forward_hook(_no_speech_recorder(model, windows, seen),
                                                             with_kwargs=True)
         try:
-            if encoded is None:
+            if reused is not None:
+                with _reusing_encoding(model, *reused):
+                    out = generate()
+            elif encoded is None:
                 out = generate()
             elif cross is not None:
                 out = generate(encoder_outputs=encoded, cache=cross)
@@ -302,6 +317,43 @@ def language_code(language: str) -> str:
     lang = language.strip().lower().strip("<|>")
     by_name = {name: code for code, name in LANGUAGES.items()}
     return by_name.get(lang, lang)
+
+
+_held = threading.local()  # this thread's (features, encoder output) for the encoder to hand back once
+_install_lock = threading.Lock()
+
+
+@contextmanager
+def _reusing_encoding(model, features: torch.Tensor, encoded):
+    """While active, the model's encoder called (by generate) on exactly `features` returns `encoded`
+    instead of running, once. Per thread: other requests on the same model run as usual."""
+    encoder = model.get_encoder()
+    with _install_lock:
+        if not getattr(encoder, "_tarq_reuses", False):
+            _install_reuse(encoder)
+    _held.pair = (features, encoded)
+    try:
+        yield
+    finally:
+        _held.pair = None
+
+
+def _install_reuse(encoder) -> None:
+    # a method bound to the module (not a closure over its forward): a deep copy of the model binds its
+    # own encoder, not this one
+    encoder.forward = types.MethodType(_forward_or_held, encoder)
+    encoder._tarq_reuses = True
+
+
+def _forward_or_held(encoder, input_features=None, *args, **kwargs):
+    held = getattr(_held, "pair", None)
+    plain = not args and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states") \
+        and kwargs.get("return_dict", True) is not False
+    if held is not None and plain and input_features is not None and \
+            input_features.shape == held[0].shape and torch.equal(input_features, held[0]):
+        _held.pair = None
+        return held[1]
+    return type(encoder).forward(encoder, input_features, *args, **kwargs)
 
 
 def _first_step_logits(model, encoded) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 import time
@@ -148,7 +149,9 @@ def encoder_passes(model, processor, audio, **kw) -> dict:
     the decoder computed)} for both settings."""
     passes, cross = [], []
     handles = [
-        model.get_encoder().register_forward_hook(lambda _m, _a, out: passes.extend([1] * len(out[0]))),
+        # the encoder's first layer: it runs on every window the encoder computes (an encoding handed back
+        # to generate does not call it)
+        model.get_encoder().conv1.register_forward_hook(lambda _m, args, _o: passes.extend([1] * len(args[0]))),
         cross_key_projection(model).register_forward_hook(lambda _m, args, _o: cross.extend([1] * len(args[0]))),
     ]
     try:
@@ -252,15 +255,49 @@ def test_a_second_window_is_decoded_from_its_own_frames(short_whisper_dir, tmp_p
 
 
 def test_long_form_windows_are_encoded_once(short_whisper_dir, tmp_path):
-    """Long-form: each window's no-speech step reads the encoder output generate made for it."""
+    """Long-form: the language is detected from the first window's encoding, which generate's loop then
+    takes instead of encoding that window again; each window's no-speech step reads the encoder output
+    generate made for it."""
     model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
     got = encoder_passes(model, processor, noise(45.0))
     assert_same_transcript(got[True][0], got[False][0])
-    assert len({s.seek for s in got[True][0].segments}) >= 2
-    windows = got[True][1] - 1  # less the language detection's pass
-    assert got[False][1] == 1 + 2 * windows
-    # each window's no-speech probability is read off generate's own first step: no step of its own
+    windows = len({s.seek for s in got[True][0].segments})
+    assert windows >= 2
+    # separate: transformers' detection, then each window for generate and for its no-speech step
+    assert (got[False][1], got[True][1]) == (1 + 2 * windows, windows)
+    # cross-attention keys: the detection step's, then one per window (no-speech needs no step of its own)
     assert (got[False][2], got[True][2]) == (1 + 2 * windows, 1 + windows)
+
+
+def test_long_form_with_a_language_encodes_each_window_once(short_whisper_dir, tmp_path):
+    """Nothing to detect: every window is encoded by generate alone, and the encoder hands nothing back."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    got = encoder_passes(model, processor, noise(45.0), language="de")
+    windows = len({s.seek for s in got[True][0].segments})
+    assert got[True][1] == windows and got[True][0].language == "de"
+
+
+def test_a_held_encoding_is_handed_back_once_and_only_for_its_features(short_whisper_dir, tmp_path):
+    from tarq.transcribe import _reusing_encoding
+
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    features, _ = _features(processor, [noise(3.0)], model, long_form=False)
+    other, _ = _features(processor, [noise(3.0, seed=1)], model, long_form=False)
+    encoder = model.get_encoder()
+    with torch.inference_mode():
+        held = encode(model, features)
+        with _reusing_encoding(model, features, held):
+            assert encoder(other).last_hidden_state is not held.last_hidden_state  # other features: computed
+            assert encoder(features.clone()) is held  # equal features: handed back
+            again = encoder(features)  # once only
+        assert again is not held and torch.allclose(again.last_hidden_state, held.last_hidden_state, atol=1e-5)
+        assert encoder(features) is not held  # nothing held outside the block
+        # a deep copy of the model runs its own encoder (a bench quantizes such a copy)
+        twin = copy.deepcopy(model)
+        for p in twin.get_encoder().parameters():
+            p.data.zero_()
+        assert twin.get_encoder()._tarq_reuses
+        assert not torch.equal(twin.get_encoder()(features).last_hidden_state, encoder(features).last_hidden_state)
 
 
 def test_no_speech_is_read_at_start_of_transcript_after_a_prompt(short_whisper_dir, tmp_path):
@@ -515,3 +552,17 @@ def test_real_multilingual_request_encodes_once():
     given = encoder_passes(model, processor, load_audio(LJ / "LJ001-0001.flac"), language="en")
     assert (given[False][1:], given[True][1:]) == ((2, 2), (1, 1))
     assert_same_transcript(given[True][0], got[True][0])
+
+
+def test_concurrent_long_form_requests_get_their_own_first_window(short_whisper_dir, tmp_path):
+    """Long-form requests in threads on one model: the encoding each detected its language from is handed
+    back to its own generate only (the held encoding is per thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    audios = [noise(40.0, seed=i) for i in range(2)]
+    alone = [transcribe(model, processor, a) for a in audios]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(lambda a: transcribe(model, processor, a), audios))
+    for got, want in zip(together, alone):
+        assert_same_transcript(got, want)
