@@ -13,8 +13,8 @@ import logging
 import threading
 import types
 import zlib
-from contextlib import contextmanager
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
