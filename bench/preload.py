@@ -8,8 +8,10 @@ For each mode (cold: no preload; preload: TARQ_PRELOAD_MODELS=<model>) a fresh `
 data dir of its own; the bench waits until the worker says it is ready (and, with preload, until every
 pool process has preloaded the model), then sends --requests transcriptions of the same clip one after
 another. On a cold server the first request a pool process takes pays the model load and the first
-call's setup; the others show what a request costs once both are paid. Latencies are client-side (request sent -> response read).
-Nothing here asserts a timing.
+call's setup; the others show what a request costs once both are paid. Latencies are client-side
+(request sent -> response read); each request's Server-Timing header splits them into the worker's
+steps and the queue. Before the requests, the worker's main process (which polls the broker) is
+watched idle for 10 s. Nothing here asserts a timing.
 """
 from __future__ import annotations
 
