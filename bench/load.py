@@ -68,6 +68,15 @@ def build_model(folder: Path) -> Path:
     return out
 
 
+def service_env(data_dir: Path, model_root: Path, key: str, **extra: str) -> dict:
+    """The environment of a tarq process a bench starts: none of the caller's TARQ_ settings, a data dir
+    and model root of its own, offline, on the CPU, `key` its one API key; `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARQ_")}
+    env.update(TARQ_DATA_DIR=str(data_dir), TARQ_MODEL_ROOTS=str(model_root), TARQ_HUB_OFFLINE="1",
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TARQ_DEVICE="cpu", TARQ_API_KEYS=key, **extra)
+    return env
+
+
 def wait_until(check, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,12 +111,9 @@ class Services:
         self.database_url = database_url
         models = build_model(work / "models").parent
         self.key = "load-" + secrets.token_hex(12)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TARQ_")}
-        self.env.update(TARQ_DATA_DIR=str(work / "data"), TARQ_MODEL_ROOTS=str(models), TARQ_HUB_OFFLINE="1",
-                        HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TARQ_DEVICE="cpu", TARQ_API_KEYS=self.key,
-                        TARQ_BROKER_URL=broker_url, TARQ_DATABASE_URL=database_url,
-                        TARQ_RATE_LIMIT_PER_MINUTE=str(rate_limit), OMP_NUM_THREADS="1",
-                        TOKENIZERS_PARALLELISM="false")
+        self.env = service_env(work / "data", models, self.key, TARQ_BROKER_URL=broker_url,
+                               TARQ_DATABASE_URL=database_url, TARQ_RATE_LIMIT_PER_MINUTE=str(rate_limit),
+                               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.api = self._spawn(tarq("serve", "--no-worker", "--port", str(self.port), "--log-level", "warning"),

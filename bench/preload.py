@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from load import SPEECH, free_port, tarq, wait_until
+from load import SPEECH, free_port, service_env, tarq, wait_until
 from speed import RESULTS, environment, table
 
 MODES = ("cold", "preload")
@@ -39,11 +39,7 @@ def serve(model_root: Path, model: str, work: Path, preload: bool, concurrency: 
     """A fresh `tarq serve` on its own data dir; returns it and what a client needs to reach it."""
     key = "bench-" + secrets.token_hex(8)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TARQ_")}
-    env.update(TARQ_DATA_DIR=str(work / "data"), TARQ_MODEL_ROOTS=str(model_root), TARQ_HUB_OFFLINE="1",
-               HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TARQ_DEVICE="cpu", TARQ_API_KEYS=key)
-    if preload:
-        env["TARQ_PRELOAD_MODELS"] = model
+    env = service_env(work / "data", model_root, key, **({"TARQ_PRELOAD_MODELS": model} if preload else {}))
     with open(work / "serve.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(tarq("serve", "--port", str(port), "--concurrency", str(concurrency)), env=env,
                                 stdout=log, stderr=subprocess.STDOUT)

@@ -8,8 +8,8 @@ For each model and clip, times `transcribe(..., share_encoder=False)` (transform
 `generate` and the no-speech step each run the encoder) and `share_encoder=True` (one pass per window,
 read by all three; generate reuses the first decoder step's cross-attention keys and values), in
 alternating order, counts the windows each encoded and those whose cross-attention keys and values the
-decoder computed, and checks that both give the same transcript. Then the same for one long-form request: the clips joined into `--long-seconds` of
-audio. Writes bench/results/request.md and .json.
+decoder computed, and checks that both give the same transcript. Then the same for one long-form
+request: the clips joined into `--long-seconds` of audio. Writes bench/results/request.md and .json.
 """
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ def main() -> None:
              "request (each clip of a batched call counts). Cross k/v: windows whose cross-attention keys and "
              "values the decoder computed (each layer projects the window's 1500 encoder frames)."), ""]
     lines += table(["model", "dtype", "multilingual", "requests / audio", "windows encoded, separate",
-                    "windows encoded, shared", "cross k/v, separate", "cross k/v, shared", "s / request, separate", "s / request, shared", "speed-up",
-                    "same transcript"], out)
+                    "windows encoded, shared", "cross k/v, separate", "cross k/v, shared", "s / request, separate",
+                    "s / request, shared", "speed-up", "same transcript"], out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1,

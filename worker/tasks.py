@@ -19,6 +19,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -237,6 +238,14 @@ def preload(names: list[str]) -> None:
         log.info("preloaded model %r (%s) in %.1f s", name, dtype_name(model.dtype), time.perf_counter() - start)
 
 
+@contextmanager
+def _timed(seconds: dict, step: str):
+    """seconds[step]: how long the block took (left out when it raised)."""
+    start = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - start
+
+
 @app.task(name="tarq.transcribe", bind=True, acks_late=True, reject_on_worker_lost=True,
           soft_time_limit=_settings.transcribe_time_limit, time_limit=_settings.transcribe_time_limit + 30)
 def transcribe(self, payload: dict) -> dict:
@@ -249,20 +258,16 @@ def transcribe(self, payload: dict) -> dict:
     settings = get_settings()
     seconds = {}  # where the worker's time went, for the API's Server-Timing header
     try:
-        start = time.perf_counter()
-        loaded, processor = model_cache().get(str(model_files(payload["model"])), device(), settings.dtype)
-        seconds["model"] = time.perf_counter() - start
-        start = time.perf_counter()
-        audio = load_audio(storage().get_bytes(payload["audio_key"]), name=payload.get("name"),
-                           max_seconds=settings.max_audio_seconds)
-        seconds["audio"] = time.perf_counter() - start
-        start = time.perf_counter()
+        with _timed(seconds, "model"):
+            loaded, processor = model_cache().get(str(model_files(payload["model"])), device(), settings.dtype)
+        with _timed(seconds, "audio"):
+            audio = load_audio(storage().get_bytes(payload["audio_key"]), name=payload.get("name"),
+                               max_seconds=settings.max_audio_seconds)
         # a pool process runs one task at a time: the calls counted are this request's
-        with counting_kernels(loaded) as kernels:
+        with _timed(seconds, "transcribe"), counting_kernels(loaded) as kernels:
             transcript = run(loaded, processor, audio, language=payload.get("language"),
                              prompt=payload.get("prompt"), temperature=float(payload.get("temperature") or 0.0),
                              word_timestamps=bool(payload.get("word_timestamps")))
-        seconds["transcribe"] = time.perf_counter() - start
         return {"transcript": transcript.to_dict(), "kernels": kernels, "dtype": dtype_name(loaded.dtype),
                 "seconds": seconds}
     except TarqError as err:
