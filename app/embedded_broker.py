@@ -1,5 +1,6 @@
 """What the embedded broker (Celery over kombu's filesystem transport) cannot do by itself: give back a
-message whose worker died, a quantization's (resend_lost_jobs) or a transcription's (wait).
+message whose worker died, a quantization's (resend_lost_jobs here) or a transcription's (app.task_wait,
+which reads the queue folder through waiting_task_ids).
 
 Redis redelivers a late-acked message when its worker is lost. The filesystem transport moves a message
 out of the queue folder when a worker takes it, so a worker killed after taking a quantization but
@@ -14,13 +15,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
 from pathlib import Path
 
 from app import jobs
 from app.settings import Settings
 
-log = logging.getLogger("tarq.worker")  # resend_lost_jobs runs in a starting worker; wait() in the API
+log = logging.getLogger("tarq.worker")  # resend_lost_jobs runs in a starting worker
 
 
 def _messages(queue_folder: Path, queue: str):
@@ -49,39 +49,6 @@ def waiting_task_ids(queue_folder: Path, queue: str) -> set[str]:
 
 def queue_folder(settings: Settings) -> Path:
     return Path(settings.celery_config()["broker_transport_options"]["data_folder_in"])
-
-
-def wait(result, timeout: float, settings: Settings, resend, grace: float = 10.0):
-    """result.get(timeout) that, on the embedded broker, calls resend() when the task's message has left
-    the queue folder and no worker has started it for `grace` seconds: the worker that took it died (a
-    live one starts what it takes at once: it takes no more than its pool can start). resend() sends the
-    same task under the same id; should both copies run, the result is written twice, alike."""
-    from celery.exceptions import TimeoutError as CeleryTimeout
-
-    if not settings.embedded_broker:
-        return result.get(timeout=timeout, propagate=True, interval=0.05)
-    deadline = time.monotonic() + timeout
-    folder, queue = queue_folder(settings), "transcribe"
-    taken_since = None
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise CeleryTimeout(f"no result within {timeout} s")
-        try:
-            # interval: how often the database result backend is polled (Celery's 0.5 s default added a
-            # quarter of a second to the average request)
-            return result.get(timeout=min(left, 2.0), propagate=True, interval=0.05)
-        except CeleryTimeout:
-            pass
-        if result.state != "PENDING" or result.id in waiting_task_ids(folder, queue):
-            taken_since = None
-        elif taken_since is None:
-            taken_since = time.monotonic()
-        elif time.monotonic() - taken_since >= grace:
-            logging.getLogger("tarq.api").warning(
-                "task %s was taken by a worker that never started it (it died): sent again", result.id)
-            resend()
-            taken_since = None
 
 
 def resend_lost_jobs(settings: Settings, celery) -> list[str]:

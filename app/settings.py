@@ -13,7 +13,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tarq.config import ComputeDtype, CpuBf16
@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     quantize_time_limit: int = 6 * 3600
     transcribe_time_limit: int = 600
     transcribe_wait_seconds: float = 600.0
+    # a transcription seen this long taken by no live worker (its message gone, never started; or started
+    # and its beat, every heartbeat_seconds, stopped) is sent again: app.task_wait
+    transcribe_lost_after_seconds: float = 20.0
     device: str = "auto"  # worker device: auto (cuda if present), cpu, cuda, cuda:1 ...
     # transcription compute dtype (tarq.transcribe.compute_dtype); auto: float16 on CUDA, bfloat16 on
     # CPUs where a bf16 matmul measures faster (tarq.qlinear.cpu_bf16_pays), float32 elsewhere. bf16 scored
@@ -88,6 +91,14 @@ class Settings(BaseSettings):
     preload_models: str = ""
     default_model: str = ""  # what "whisper-1" (the OpenAI client's habit) maps to; empty: refused
     hub_offline: bool = False  # accept a Hub id only if it is already in the local HF cache
+
+    @model_validator(mode="after")
+    def _lost_after_spans_beats(self) -> Settings:
+        if self.transcribe_lost_after_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(f"TARQ_TRANSCRIBE_LOST_AFTER_SECONDS ({self.transcribe_lost_after_seconds:g}) must be at "
+                             f"least twice TARQ_HEARTBEAT_SECONDS ({self.heartbeat_seconds:g}): a running "
+                             "transcription beats that often")
+        return self
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -239,6 +239,35 @@ def preload(names: list[str]) -> None:
 
 
 @contextmanager
+def beating(task, every: float):
+    """While the block runs, rewrite the task's STARTED state (Celery's pid and node name) every `every`
+    seconds with a counter that goes up: the API's wait sends the task again once the counter stops
+    (app.task_wait), which is how it learns that the process running it died. Stopped and joined before
+    the block's result is stored, so that no beat lands after it."""
+    meta = {"pid": os.getpid(), "hostname": task.request.hostname}
+    done = threading.Event()
+
+    def run() -> None:
+        n = 0
+        while True:
+            try:
+                task.update_state(state="STARTED", meta={**meta, "beat": n})
+            except Exception as err:  # a backend blip must not fail the request; the next beat retries
+                log.warning("beat of task %s failed: %s", task.request.id, err)
+            if done.wait(every):
+                return
+            n += 1
+
+    thread = threading.Thread(target=run, daemon=True, name=f"beat-{task.request.id}")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+@contextmanager
 def _timed(seconds: dict, step: str):
     """seconds[step]: how long the block took (left out when it raised)."""
     start = time.perf_counter()
@@ -249,13 +278,18 @@ def _timed(seconds: dict, step: str):
 @app.task(name="tarq.transcribe", bind=True, acks_late=True, reject_on_worker_lost=True,
           soft_time_limit=_settings.transcribe_time_limit, time_limit=_settings.transcribe_time_limit + 30)
 def transcribe(self, payload: dict) -> dict:
+    settings = get_settings()
+    with beating(self, settings.heartbeat_seconds):
+        return _transcribe(payload, settings)
+
+
+def _transcribe(payload: dict, settings) -> dict:
     from tarq.audio import load_audio
     from tarq.errors import TarqError
     from tarq.qlinear import counting_kernels
     from tarq.transcribe import dtype_name
     from tarq.transcribe import transcribe as run
 
-    settings = get_settings()
     seconds = {}  # where the worker's time went, for the API's Server-Timing header
     try:
         with _timed(seconds, "model"):

@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from app import embedded_broker, jobs
+from app import jobs, task_wait
 from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
 from app.routes.quantizations import PUBLISH_RETRY
 from app.schemas import ERROR_RESPONSES, ApiError
@@ -110,8 +110,7 @@ def create_transcription(
             raise ApiError(503, f"the job queue (broker) is unavailable: {type(err).__name__}", type="server_error",
                            code="broker_unavailable") from None
         try:
-            answer = embedded_broker.wait(result, settings.transcribe_wait_seconds, settings,
-                                          resend=lambda: send(result.id))
+            answer = task_wait.wait(result, settings.transcribe_wait_seconds, settings, resend=lambda: send(result.id))
         except Exception as err:
             from celery.exceptions import TimeoutError as CeleryTimeout
 

@@ -330,7 +330,8 @@ def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(star
     another worker, which sends the queued job again; the API, seeing the transcription's message gone and
     the task never started, sends it again. Both finish."""
     key = "embedded-key"
-    env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_TRANSCRIBE_WAIT_SECONDS="120")
+    env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_TRANSCRIBE_WAIT_SECONDS="120",
+               TARQ_TRANSCRIBE_LOST_AFTER_SECONDS="5")
     port = free_port()
     # its own session: teardown stops serve, its worker and that worker's pool together
     serve = started.start(tarq_command("serve", "--port", str(port), "--concurrency", "1"), env, "serve",
@@ -367,6 +368,76 @@ def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(star
     assert serve.poll() is None
     # the dead worker's pool process did not stay behind
     _wait_for(lambda: not [p for p in pool if _alive(p)], 30, "the killed worker's pool exiting")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_worker_killed_running_a_transcription_is_replaced_and_it_answers(started, tmp_path, subprocess_env,
+                                                                        tone_wav, broker):
+    """A worker and its pool process SIGKILLed together (as the OOM killer or a kill of the group would)
+    while the pool process runs a transcription. Nothing requeues it: Celery's main process does that for
+    a pool process that died, and it died too; Redis would give the message back only after its
+    visibility timeout (hours, sized for quantizations). The task stops beating, the API sends it again,
+    and the worker that replaces the dead one (`tarq serve` starts it; on Redis, another one) answers."""
+    if broker == "redis" and shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    key = "running-key"
+    env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_TRANSCRIBE_WAIT_SECONDS="150",
+               TARQ_TRANSCRIBE_LOST_AFTER_SECONDS="5")
+    port = free_port()
+    if broker == "redis":
+        import redis
+
+        redis_port = free_port()
+        (tmp_path / "redis").mkdir()
+        started.redis(redis_port, tmp_path / "redis")
+        env["TARQ_BROKER_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        started.api(env, port)
+        results = redis.Redis(port=redis_port)
+        running = lambda: any(b'"STARTED"' in (results.get(k) or b"")  # noqa: E731
+                              for k in results.scan_iter("celery-task-meta-*"))
+        worker = started.start(tarq_command("worker", "-c", "1"), env, "first-worker", kind="worker")
+        log = tmp_path / "api.log"
+        _wait_for(lambda: " ready." in (tmp_path / "first-worker.log").read_text(errors="replace"), 120,
+                  "the worker starting")
+        first = worker.pid
+    else:
+        serve = started.start(tarq_command("serve", "--port", str(port), "--concurrency", "1"), env, "serve",
+                              kind="worker")
+        wait_http(f"http://127.0.0.1:{port}/healthz", serve)
+        log = tmp_path / "serve.log"
+        pids = lambda: {int(p) for p in re.findall(r"worker: pid (\d+)", log.read_text(errors="replace"))}  # noqa: E731
+        _wait_for(lambda: pids() and " ready." in log.read_text(errors="replace"), 120, "the embedded worker starting")
+        first = pids().pop()
+        running = lambda: _started_in_sqlite(tmp_path / "data" / "celery-results.sqlite")  # noqa: E731
+
+    with _client(port, key) as client, concurrent.futures.ThreadPoolExecutor(1) as background:
+        # the random model never ends a window early: 448 decoding steps in each of two, seconds of work
+        clip = tone_wav(tmp_path / "tone.wav", 50.0)
+        transcription = background.submit(client.post, "/v1/audio/transcriptions", data={"model": "tiny-whisper"},
+                                          files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
+        _wait_for(running, 60, "the transcription starting", every=0.02)
+        assert _children_of(first), "the worker has no pool process"
+        os.killpg(first, signal.SIGKILL)  # the worker runs in its own session: main and pool process
+        if broker == "redis":
+            started.start(tarq_command("worker", "-c", "1"), env, "second-worker", kind="worker")
+        answered = transcription.result()
+    assert answered.status_code == 200 and isinstance(answered.json()["text"], str), answered.text
+    text = log.read_text(errors="replace")
+    assert re.search(r"task \S+ stopped beating while running in process \d+ on celery@\S+: sent again", text), text
+    if broker == "embedded":
+        assert f"worker: pid {first} exited with -9" in text and len(pids()) == 2  # serve started another
+        assert serve.poll() is None
+
+
+def _started_in_sqlite(results: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(results, timeout=5) as db:
+            return db.execute("SELECT 1 FROM celery_taskmeta WHERE status = 'STARTED'").fetchone() is not None
+    except sqlite3.OperationalError:  # the table is created with the first result
+        return False
 
 
 def _children_of(pid: int) -> list[int]:

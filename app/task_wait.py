@@ -1,0 +1,89 @@
+"""The API's wait for a transcription's result, which sends the task again when no worker will finish it.
+
+Two ways a worker's death leaves a transcription nobody runs:
+- taken, never started (embedded broker only): the filesystem transport moves a message out of the queue
+  folder when a worker takes it, and a worker that dies before starting it leaves no copy. Redis keeps a
+  taken message until it is acknowledged and gives it back once its visibility timeout passes.
+- started, then the process running it died together with the worker's main process (the OOM killer, a
+  kill of the worker's process group, a lost machine). Celery's main process requeues the task of a pool
+  process that died, but nothing does when both go, on any broker: Redis only after the visibility
+  timeout, which is sized for quantizations (hours). The worker's transcription task rewrites its STARTED
+  state every TARQ_HEARTBEAT_SECONDS with a counter (worker.tasks.beating); a counter that stops moving,
+  or Celery's own STARTED that no first beat follows, means the task is lost, on whichever machine it ran.
+Either for TARQ_TRANSCRIBE_LOST_AFTER_SECONDS, and the task is sent again under the same id. Should both
+copies run after all, the result is written twice, alike (and the late one finds its audio deleted).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from app.embedded_broker import queue_folder, waiting_task_ids
+from app.settings import Settings
+
+log = logging.getLogger("tarq.api")
+_UNSEEN = object()
+
+
+class LostWatch:
+    """Whether a task has been lost for `grace` seconds, from what the API sees of its state over time."""
+
+    def __init__(self, result, grace: float, folder: Path | None):
+        self.result, self.grace, self.folder = result, grace, folder
+        self.beat = _UNSEEN  # the last beat counter seen
+        self.since: float | None = None  # when the task was first seen in its current lost-looking state
+
+    def lost(self) -> str | None:
+        """Why no worker will finish the task, once it has looked that way for `grace` seconds; else None."""
+        why = self._looks_lost()
+        if why is None:
+            self.since = None
+            return None
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        return why if now - self.since >= self.grace else None
+
+    def reset(self) -> None:
+        self.since, self.beat = None, _UNSEEN
+
+    def _looks_lost(self) -> str | None:
+        state = self.result.state
+        if state == "PENDING":
+            if self.folder is None or self.result.id in waiting_task_ids(self.folder, "transcribe"):
+                return None
+            return "was taken by a worker that never started it (it died)"
+        if state == "STARTED":
+            info = self.result.info if isinstance(self.result.info, dict) else {}
+            beat = info.get("beat")  # None: Celery's own STARTED, which the task's first beat follows at once
+            if beat != self.beat:
+                self.beat = beat
+                return None
+            return f"stopped beating while running in process {info.get('pid')} on {info.get('hostname')}"
+        return None
+
+
+def wait(result, timeout: float, settings: Settings, resend, grace: float | None = None):
+    """result.get(timeout) that calls resend() when the task has been lost (see the module) for `grace`
+    seconds (TARQ_TRANSCRIBE_LOST_AFTER_SECONDS); resend() sends the same task under the same id."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    watch = LostWatch(result, settings.transcribe_lost_after_seconds if grace is None else grace,
+                      queue_folder(settings) if settings.embedded_broker else None)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CeleryTimeout(f"no result within {timeout} s")
+        try:
+            # interval: how often the result backend is polled (Celery's 0.5 s default added a quarter of
+            # a second to the average request on the embedded broker's database backend)
+            return result.get(timeout=min(left, 2.0), propagate=True, interval=0.05)
+        except CeleryTimeout:
+            pass
+        why = watch.lost()
+        if why is not None:
+            log.warning("task %s %s: sent again", result.id, why)
+            resend()
+            watch.reset()
