@@ -45,6 +45,9 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "tarq-c2": ("tarq", {"lambda_cost": 2.0}, True),
     "gptq-sym": ("gptq", {"sym": True}, True),
     "tarq-sym": ("tarq", {"sym": True}, True),
+    # the calibration forward passes in bf16 (autocast; Hessians and solves stay float32)
+    "gptq-bf16-passes": ("gptq", {"forward_dtype": "bfloat16"}, True),
+    "tarq-bf16-passes": ("tarq", {"forward_dtype": "bfloat16"}, True),
 }
 
 
@@ -78,8 +81,9 @@ def run_variant(model: str, model_dir: Path, variant: str, calib: Path, audio_on
         out = work / "artifacts" / f"{model}-{variant}"
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
+        # float32 passes unless the variant says otherwise: every earlier row was made with them
         quantize_model(model_dir, calib if with_text else audio_only, out,
-                       QuantConfig(method=method, batch_size=batch_size, **overrides))
+                       QuantConfig(method=method, batch_size=batch_size, **{"forward_dtype": "float32", **overrides}))
         row["quantize_seconds"] = round(time.perf_counter() - t, 1)
         report = json.loads((out / "tarq_report.json").read_text())
         row["layers"] = report["layers"]

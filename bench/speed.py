@@ -211,13 +211,13 @@ def job_kernels(device: str = "cpu", rows: tuple[int, ...] = (1, 8, 128, 1500), 
 
 
 def job_quantize(model: str, method: str, calib: str, out_dir: str, calib_n: int, device: str = "cpu",
-                 batch_size: int = 8) -> dict:
+                 batch_size: int = 8, forward_dtype: str = "float32") -> dict:
     """One quantize_model run: wall time, peak memory, the report's per-stage seconds and solve time."""
     from tarq.config import QuantConfig
     from tarq.pipeline import quantize_model
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    config = QuantConfig(method=method, num_samples=calib_n, batch_size=batch_size)
+    config = QuantConfig(method=method, num_samples=calib_n, batch_size=batch_size, forward_dtype=forward_dtype)
     with Meter(device) as m:
         quantize_model(model, Path(calib) if method != "rtn" else None, Path(out_dir), config, device=device)
     report = json.loads((Path(out_dir) / "tarq_report.json").read_text())
@@ -226,8 +226,8 @@ def job_quantize(model: str, method: str, calib: str, out_dir: str, calib_n: int
     stages.setdefault("save", m.seconds - sum(stages.values()))
     stages.update(report.get("quantize_seconds") or {})
     return {"model": Path(model).name, "method": method, "calib_n": calib_n if method != "rtn" else 0,
-            "seconds": m.seconds, "peak_rss_mb": m.peak_rss, "rss_start_mb": m.rss_start,
-            "peak_cuda_mb": m.peak_cuda, "stages": stages, "artifact": out_dir}
+            "forward_dtype": report.get("forward_dtype"), "seconds": m.seconds, "peak_rss_mb": m.peak_rss,
+            "rss_start_mb": m.rss_start, "peak_cuda_mb": m.peak_cuda, "stages": stages, "artifact": out_dir}
 
 
 def tensor_bytes(model) -> int:
@@ -458,7 +458,8 @@ def job_random_large(device: str = "cuda", variant: str = "eager", tokens: int =
 
 
 def job_large_quantize(device: str = "cuda", method: str = "tarq", clips: int = 128, tokens: int = 48,
-                       batch_size: int = 8, shape: dict | None = None, tail_share: float = 0.07) -> dict:
+                       batch_size: int = 8, shape: dict | None = None, tail_share: float = 0.07,
+                       forward_dtype: str = "float32") -> dict:
     """The sequential driver (GPTQ or TARQ, W4G128) on a random-weight model with large-v3 shapes and
     `clips` synthetic calibration clips: random log-mel features, random token sequences of `tokens // 2`
     to `tokens` positions with `tail_share` of them tagged tail. Times the driver alone (no loading,
@@ -486,10 +487,14 @@ def job_large_quantize(device: str = "cuda", method: str = "tarq", clips: int = 
     # one line per block: a run stopped by a time limit still says how far it got (gpu_check keeps stdout)
     say = lambda p: print(f"  {method} {p.stage} block {p.layer}/{p.layers_total}: "
                           f"{time.perf_counter() - t0:.1f} s", flush=True)
-    driver = Driver(model, QuantConfig(method=method, num_samples=clips, batch_size=batch_size), progress=say)
+    driver = Driver(model, QuantConfig(method=method, num_samples=clips, batch_size=batch_size,
+                                       forward_dtype=forward_dtype), progress=say)
     with Meter(device) as m:
         driver.run(data)
-    out = {"method": method, "device": device, "dtype": dtype_name(dtype), "clips": clips,
+    out = {"method": method, "device": device, "dtype": dtype_name(dtype),
+           # an fp16 model (CUDA) computes its float32 "passes" in fp16 all the same
+           "forward_dtype": dtype_name(dtype if driver.forward_dtype == torch.float32 else driver.forward_dtype),
+           "clips": clips,
            "tokens": int(mask.sum()), "tail_tokens": int(tail.sum()), "batch_size": batch_size,
            "encoder_batch_size": driver.encoder_batch, "random_weights": True, "seconds": m.seconds,
            "stages": {k: round(v, 3) for k, v in driver.seconds.items()}, "layers": len(driver.quantized),
@@ -638,26 +643,31 @@ def report_quant(rows: list[dict]) -> list[str]:
     out, stage_rows = [], []
     for r in rows:
         if "error" in r:
-            out.append([Path(r.get("model", "?")).name, r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 5)
+            out.append([Path(r.get("model", "?")).name, r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 6)
             continue
         base = next((b for b in rows if b.get("model") == r["model"] and b.get("method") == "gptq"
-                     and "error" not in b), None)
-        out.append([r["model"], r["method"], str(r["calib_n"]), f(r["seconds"], "{:.1f}"),
+                     and b.get("forward_dtype") in ("float32", None) and "error" not in b), None)
+        out.append([r["model"], r["method"], r.get("forward_dtype") or "-", str(r["calib_n"]),
+                    f(r["seconds"], "{:.1f}"),
                     ratio(r["seconds"], base and base["seconds"]), f(r["peak_rss_mb"], "{:.0f}"),
                     ratio(r["peak_rss_mb"], base and base["peak_rss_mb"]), f(r["peak_cuda_mb"], "{:.0f}")])
         st = r["stages"]
         inner = [st.get(k) for k in ("forward", "statistics", "solve")]
         other = st["quantize"] - sum(inner) if st.get("quantize") is not None and None not in inner else None
-        stage_rows.append([r["model"], r["method"]] + [f(st.get(k), "{:.1f}") for k in ("load", "calibrate", "quantize")]
+        stage_rows.append([r["model"], r["method"], r.get("forward_dtype") or "-"]
+                          + [f(st.get(k), "{:.1f}") for k in ("load", "calibrate", "quantize")]
                           + [f(v, "{:.1f}") for v in (*inner, other)]
                           + [f(st.get("forward") and st["quantize"] / st["forward"]), f(st.get("save"), "{:.1f}")])
-    lines += table(["model", "method", "clips", "wall s", "vs GPTQ", "peak RSS MiB", "vs GPTQ", "peak CUDA MiB"], out)
-    lines += ["", "Per stage (seconds, from tarq_report.json). Inside quantize: forward = the block forward passes "
+    lines += table(["model", "method", "passes", "clips", "wall s", "vs GPTQ", "peak RSS MiB", "vs GPTQ",
+                    "peak CUDA MiB"], out)
+    lines += ["", "passes: what the calibration forward passes computed in (`--forward-dtype`; Hessians and solves "
+                  "are float32 in every row); vs GPTQ: against GPTQ with float32 passes.", "",
+              "Per stage (seconds, from tarq_report.json). Inside quantize: forward = the block forward passes "
                   "over the calibration set (GPTQ two per block, TARQ three: its full-precision stream), statistics "
                   "= Hessians and drift, solve = the GPTQ / TARQ solves; quantize / forward says how close the run "
                   "is to the cost of its forward passes:", ""]
-    lines += table(["model", "method", "load", "calibrate", "quantize", "forward", "statistics", "solve", "other",
-                    "quantize / forward", "save"], stage_rows)
+    lines += table(["model", "method", "passes", "load", "calibrate", "quantize", "forward", "statistics", "solve",
+                    "other", "quantize / forward", "save"], stage_rows)
     return lines
 
 
@@ -748,12 +758,14 @@ def report_large_quantize(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 9)
+            out.append([r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 10)
             continue
-        base = next((b for b in rows if b.get("method") == "gptq" and "error" not in b), None)
+        base = next((b for b in rows if b.get("method") == "gptq" and "error" not in b
+                     and b.get("forward_dtype", b["dtype"]) == b["dtype"]), None)
         st = r["stages"]
         inner = [st.get(k) for k in ("forward", "statistics", "solve")]
-        out.append([r["method"], f"{r['clips']} ({r['tokens']} tokens, {r['tail_tokens']} tail)",
+        out.append([r["method"], r.get("forward_dtype", r["dtype"]),
+                    f"{r['clips']} ({r['tokens']} tokens, {r['tail_tokens']} tail)",
                     f(r["seconds"], "{:.1f}"), ratio(r["seconds"], base and base["seconds"]),
                     *(f(v, "{:.1f}") for v in inner),
                     f(r["seconds"] - sum(v or 0 for v in inner), "{:.1f}"),
@@ -763,8 +775,8 @@ def report_large_quantize(rows: list[dict]) -> list[str]:
         lines += [f"Device {ok.get('gpu', ok['device'])} ({ok['dtype']}); the sequential driver alone: a real run adds "
                   "loading, calibration (features, tagging, pseudo-labels for clips without transcripts) and "
                   "saving.", ""]
-    lines += table(["method", "clips", "wall s", "vs GPTQ", "forward s", "statistics s", "solve s", "other s",
-                    "peak CUDA MiB", "peak RSS MiB", "encoder batch"], out)
+    lines += table(["method", "passes", "clips", "wall s", "vs GPTQ", "forward s", "statistics s", "solve s",
+                    "other s", "peak CUDA MiB", "peak RSS MiB", "encoder batch"], out)
     return lines
 
 
@@ -800,7 +812,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="whisper-tiny.en,whisper-base",
                     help="cached short names (tarq.hub.pull) or model folders")
-    ap.add_argument("--methods", default="rtn,gptq,tarq")
+    ap.add_argument("--methods", default="rtn,gptq,tarq",
+                    help="comma list of rtn, gptq, tarq; METHOD:DTYPE runs the calibration passes in DTYPE "
+                         "(float32, bfloat16, float16, auto; default float32), e.g. tarq:bfloat16")
     ap.add_argument("--calib", type=Path, default=SPEECH / "ljspeech-385")
     ap.add_argument("--calib-n", type=int, default=128)
     ap.add_argument("--audio", type=Path, default=SPEECH / "commonvoice-en-100", help="clips to transcribe")
@@ -865,14 +879,15 @@ def main(argv: list[str] | None = None) -> dict:
             label = Path(model_dir).name
             artifacts = {}
             if "quantize" in parts:
-                for method in args.methods.split(","):
-                    say(f"quantize {label} {method} ...")
+                for spec in args.methods.split(","):
+                    method, _, dtype = spec.partition(":")
+                    say(f"quantize {label} {spec} ...")
                     r = run_job("quantize", args.isolate, args.job_timeout, model=model_dir, method=method,
-                                calib=str(args.calib), out_dir=str(args.work / f"{label}-{method}"),
-                                calib_n=args.calib_n, device=args.device)
+                                calib=str(args.calib), out_dir=str(args.work / f"{label}-{spec.replace(':', '-')}"),
+                                calib_n=args.calib_n, device=args.device, forward_dtype=dtype or "float32")
                     results["quantize"].append(r)
                     if "error" not in r:
-                        artifacts[method] = r["artifact"]
+                        artifacts.setdefault(method, r["artifact"])
             if "transcribe" in parts:
                 # int4: the TARQ artifact of this run; with no quantization in this run, RTN in memory
                 # (int4 speed is blind to how the codes were found)
@@ -917,10 +932,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "large-quantize" in parts:
         results["large_quantize"] = []
-        for method in (m for m in args.methods.split(",") if m != "rtn"):
-            say(f"quantize random large-v3 shapes, {method}, {args.calib_n} clips ...")
+        for spec in (m for m in args.methods.split(",") if m.partition(":")[0] != "rtn"):
+            method, _, dtype = spec.partition(":")
+            say(f"quantize random large-v3 shapes, {spec}, {args.calib_n} clips ...")
             r = run_job("large_quantize", args.isolate, args.job_timeout, device=args.device, method=method,
-                        clips=args.calib_n, tokens=args.tokens, shape=args.large_shape)
+                        clips=args.calib_n, tokens=args.tokens, shape=args.large_shape,
+                        forward_dtype=dtype or "float32")
             results["large_quantize"].append(r)
 
     write_report(results, out)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .config import DTYPES, QuantConfig
 from .errors import TarqError
 
 
@@ -64,16 +65,19 @@ def main() -> None:
 @click.option("--sequential", type=click.Choice(["block", "layer"]), default="block", show_default=True,
               help="layer: capture each group's inputs after the groups before it in the block are quantized.")
 @click.option("--act-order", is_flag=True)
+@click.option("--forward-dtype", type=click.Choice(DTYPES), default=QuantConfig.forward_dtype, show_default=True,
+              help="What the calibration forward passes compute in (Hessians and solves stay float32); auto: "
+                   "float16 on CUDA, bfloat16 on CPUs where it measures faster, else float32.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Audio + transcripts.tsv to score FP and quantized.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batch_size, encoder_tagging,
-             no_rarebal, no_residual, residual_step, sequential, act_order, seed, device, eval_data, force):
+             no_rarebal, no_residual, residual_step, sequential, act_order, forward_dtype, seed, device, eval_data,
+             force):
     """Quantize MODEL (a Hub id or a local folder) and write a Hugging Face model folder."""
     from tqdm import tqdm
 
-    from .config import QuantConfig
     from .pipeline import quantize_model
 
     if out.exists() and any(out.iterdir()) and not force:
@@ -84,7 +88,7 @@ def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batc
     config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, num_samples=num_samples,
                          batch_size=batch_size, encoder_tagging=encoder_tagging, rarebal=not no_rarebal,
                          residual=not no_residual, residual_step=residual_step, sequential=sequential, act_order=act_order,
-                         seed=seed)
+                         forward_dtype=forward_dtype, seed=seed)
     bar = tqdm(total=0, unit="block", file=sys.stderr, dynamic_ncols=True)
 
     def show(p):

@@ -42,6 +42,10 @@ class QuantConfig:
     # groups before it in the block are quantized (GPTQ's "true sequential"; about one more pass per
     # block), so a residual correction earlier in the block is not corrected again by later groups.
     sequential: Sequential = "block"
+    # What the calibration forward passes compute in (torch.autocast; the weights, the activation streams'
+    # residual path, the Hessians and the solves stay float32). "auto" as for transcription: float16 on
+    # CUDA, bfloat16 on CPUs where it measures faster, float32 elsewhere (tarq.transcribe.compute_dtype).
+    forward_dtype: ComputeDtype = "float32"
     # calibration
     num_samples: int = 128
     batch_size: int = 8
@@ -62,6 +66,8 @@ class QuantConfig:
             raise ValueError(f"residual_step must be paper or full, not {self.residual_step!r}")
         if self.sequential not in ("block", "layer"):
             raise ValueError(f"sequential must be block or layer, not {self.sequential!r}")
+        if self.forward_dtype not in DTYPES:
+            raise ValueError(f"forward_dtype must be one of {', '.join(DTYPES)}, not {self.forward_dtype!r}")
         if self.num_samples <= 0 or self.batch_size <= 0:
             raise ValueError("num_samples and batch_size must be positive")
         if self.lambda_cost <= 0:

@@ -14,6 +14,7 @@ from .errors import CalibrationError
 from .models.loader import load_whisper
 from .progress import Progress, ProgressFn, StopFn
 from .sequential import Driver
+from .transcribe import dtype_name
 
 
 def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config: QuantConfig, *,
@@ -60,6 +61,8 @@ def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config:
         # report's per-layer losses, front ends, bookkeeping)
         "quantize_seconds": {k: round(v, 3) for k, v in driver.seconds.items()},
         "encoder_batch_size": driver.encoder_batch,
+        # config.forward_dtype resolved on this device (RTN runs no pass)
+        "forward_dtype": dtype_name(driver.forward_dtype) if config.method != "rtn" else None,
         "seconds": timings,
         "device": device,
         "torch": torch.__version__,

@@ -7,7 +7,7 @@ Peak memory is one model plus the streams of one block's inputs.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +20,7 @@ from .models import whisper
 from .progress import Progress, ProgressFn, StopFn
 from .quantizer import QuantizedWeight, rtn
 from .rarebal import LayerStats, tarq_solve
+from .transcribe import compute_dtype
 
 if TYPE_CHECKING:
     from .calibrate import CalibData
@@ -40,6 +41,10 @@ class Driver:
         self.encoder_batch: int | None = None  # clips per encoder block call (calibrated methods)
         device = next(model.parameters()).device
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
+        # what the block forward passes compute in (config.forward_dtype resolved for this device)
+        self.forward_dtype = compute_dtype(config.forward_dtype, str(device))
+        self.autocast = (lambda: torch.autocast(device.type, dtype=self.forward_dtype)) \
+            if self.forward_dtype != torch.float32 else nullcontext
         self.two_streams = config.method == "tarq" and config.residual
         self.tagged = config.method == "tarq" and config.rarebal
 
@@ -150,7 +155,7 @@ class Driver:
             self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
 
     def forward(self, block, h: torch.Tensor, kw: dict) -> torch.Tensor:
-        with self.timed("forward"):
+        with self.timed("forward"), self.autocast():
             return block.module(h, **_call_args(kw))
 
     def add_stats(self, st: LayerStats, x, tail, x_fp, dy) -> None:

@@ -199,6 +199,68 @@ def test_encoder_batches_do_not_change_the_result(method, tiny_whisper_dir, cali
     assert drift[0] == pytest.approx(drift[1], rel=0.1) and len(drift[0]) == (4 if method == "tarq" else 0)
 
 
+@pytest.mark.parametrize("method", ["gptq", "tarq"])
+def test_bf16_forward_passes_solve_about_the_same_problems(method, tiny_whisper_dir, calib_dir, tmp_path,
+                                                           monkeypatch):
+    """forward_dtype=bfloat16: the block passes run under autocast (their matmuls give bf16), the streams'
+    residual path, the Hessians and the solves stay float32; every layer sees the same positions and
+    ends at about the float32 passes' loss."""
+    from tarq import sequential
+
+    seen: set[torch.dtype] = set()
+    forward = sequential.Driver.forward
+
+    def watched(self, block, h, kw):
+        out = forward(self, block, h, kw)
+        seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(sequential.Driver, "forward", watched)
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        outs[dtype] = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / dtype,
+                                     QuantConfig(method=method, batch_size=4, num_samples=6, forward_dtype=dtype))
+    assert seen == {torch.float32}  # the residual stream between blocks
+    fp32, bf16 = report_of(outs["float32"]), report_of(outs["bfloat16"])
+    assert (fp32["forward_dtype"], bf16["forward_dtype"]) == ("float32", "bfloat16")
+    assert bf16["config"]["forward_dtype"] == "bfloat16"
+    for a, b in zip(fp32["layers"], bf16["layers"]):
+        assert (a["name"], a["positions"], a["tail_positions"]) == (b["name"], b["positions"], b["tail_positions"])
+        assert b["loss_final"] == pytest.approx(a["loss_final"], rel=0.15), a["name"]
+    from safetensors.torch import load_file
+
+    tensors = [load_file(o / "model.safetensors") for o in outs.values()]
+    packed = [k for k in tensors[0] if k.endswith("weight_packed")]
+    same = {k: float((tensors[0][k].view(torch.uint8) == tensors[1][k].view(torch.uint8)).float().mean())
+            for k in packed}
+    # encoder block 0's q/k/v read the float32 layer norm of the front end: the same codes
+    assert same["model.encoder.layers.0.self_attn.q_proj.weight_packed"] == 1.0
+    # what reads a bf16 matmul's output is rounded differently, and GPTQ's error feedback spreads each
+    # flipped code; still most codes agree
+    assert same["model.encoder.layers.0.fc2.weight_packed"] < 1.0
+    assert min(same.values()) > 0.5 and sum(same.values()) / len(same) > 0.8, same
+
+
+def test_bf16_forward_passes_compute_in_bf16(tiny_whisper_dir):
+    """Inside a pass the Linear layers compute in bf16 (autocast), outside it nothing changes."""
+    from tarq.models.loader import load_whisper
+    from tarq.sequential import Driver
+
+    model, _ = load_whisper(tiny_whisper_dir)
+    driver = Driver(model, QuantConfig(method="gptq", forward_dtype="bfloat16"))
+    block = driver.blocks[0]
+    out_dtypes = []
+    handle = block.linear("fc1").register_forward_hook(lambda m, a, out: out_dtypes.append(out.dtype))
+    h = torch.randn(1, 10, model.config.d_model)
+    driver.forward(block, h, {"attention_mask": None})
+    block.linear("fc1")(h)
+    handle.remove()
+    assert out_dtypes == [torch.bfloat16, torch.float32]
+    assert Driver(model, QuantConfig(method="gptq")).forward_dtype == torch.float32
+    with pytest.raises(ValueError, match="forward_dtype must be one of"):
+        QuantConfig(forward_dtype="int8")
+
+
 def test_tarq_first_encoder_block_runs_once_for_both_streams(tiny_whisper_dir, calib_dir, tmp_path, monkeypatch):
     """Both streams enter encoder block 0 with the same hidden states: one full-precision pass serves the
     x stream's statistics and the full-precision stream, then the quantized block advances x."""

@@ -139,6 +139,22 @@ def test_main_writes_the_report(speed, tmp_path):
     assert set(res["large"][0]["models"]) == {"fp", "int4"}
 
 
+def test_main_quantizes_with_the_passes_each_method_names(speed, tiny_whisper_dir, calib_dir, tmp_path):
+    """--methods gptq,gptq:bfloat16: one run with float32 passes, one with bf16 passes, both against the
+    float32 one."""
+    out = tmp_path / "speed.md"
+    speed.main(["--parts", "quantize", "--models", str(tiny_whisper_dir), "--methods", "gptq,gptq:bfloat16",
+                "--calib", str(calib_dir), "--calib-n", "2", "--no-isolate", "--work", str(tmp_path / "work"),
+                "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["quantize"]
+    assert [(r["method"], r["forward_dtype"]) for r in rows] == [("gptq", "float32"), ("gptq", "bfloat16")]
+    assert rows[0]["artifact"] != rows[1]["artifact"]
+    text = out.read_text()
+    assert "| tiny-whisper | gptq | float32 | 2 |" in text and "| tiny-whisper | gptq | bfloat16 | 2 |" in text
+    base = next(line for line in text.splitlines() if line.startswith("| tiny-whisper | gptq | float32 | 2 |"))
+    assert base.count("| 1.00x |") == 2  # the baseline: the float32 run's wall time and memory
+
+
 def test_large_quantize_job_runs_the_driver_on_random_data(speed):
     """GPTQ and TARQ over every Linear of a small random Whisper, from synthetic calibration clips."""
     from tarq.models import whisper
@@ -151,7 +167,7 @@ def test_large_quantize_job_runs_the_driver_on_random_data(speed):
         assert 3 * 5 <= r["tokens"] <= 3 * 10 and r["tail_tokens"] <= r["tokens"]
         assert r["seconds"] > 0 and {"forward", "statistics", "solve"} <= set(r["stages"])
     text = "\n".join(speed.report_large_quantize(rows + [{"error": "out of memory", "method": "tarq"}]))
-    assert "RANDOM weights" in text and "| gptq | 3 (" in text and "| 1.00x |" in text
+    assert "RANDOM weights" in text and "| gptq | float32 | 3 (" in text and "| 1.00x |" in text
     assert "failed: out of memory" in text
 
 
