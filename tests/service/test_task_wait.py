@@ -36,7 +36,7 @@ def broker_settings(request, make_settings, tmp_path):
 
 def _send(settings):
     celery = celery_client(settings)
-    send = lambda task_id=None: celery.send_task("tarq.transcribe", args=[{}], queue="transcribe",  # noqa: E731
+    send = lambda task_id=None: celery.send_task("tarq.transcribe", args=[{}], queue="transcribe",
                                                  task_id=task_id)
     return celery, send, send()
 
@@ -116,11 +116,10 @@ def test_leaves_alone_a_transcription_a_worker_may_still_answer(broker_settings,
     celery, _, result = _send(broker_settings)
     if state != "waiting":
         _take(broker_settings)
-    never = lambda: pytest.fail("sent again")  # noqa: E731
+    never = lambda: pytest.fail("sent again")
     if state == "beating":
-        with beating(_task(celery, result.id), every=0.2):
-            with pytest.raises(CeleryTimeout):
-                wait(result, 4.5, broker_settings, never, grace=1.0)
+        with beating(_task(celery, result.id), every=0.2), pytest.raises(CeleryTimeout):
+            wait(result, 4.5, broker_settings, never, grace=1.0)
         assert result.info["beat"] >= 15
     else:
         with pytest.raises(CeleryTimeout):
