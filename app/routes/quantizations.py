@@ -47,6 +47,9 @@ def create_quantization(
     group_size: Annotated[int, Form()] = 128,
     sym: Annotated[bool, Form()] = False,
     num_samples: Annotated[int | None, Form(ge=1, le=100000)] = None,
+    forward_dtype: Annotated[str | None, Form(
+        description="what the calibration forward passes compute in: float32 (default), bfloat16, float16, or "
+                    "auto (the worker's fast dtype); Hessians and solves stay float32")] = None,
     files: Annotated[list[UploadFile] | None, File(description="calibration clips")] = None,
     archive: Annotated[UploadFile | None, File(description="calibration clips as zip / tar.gz")] = None,
     transcripts: Annotated[UploadFile | None, File(description="file<TAB>text")] = None,
@@ -65,6 +68,8 @@ def create_quantization(
     overrides = {"method": method, "bits": bits, "group_size": group_size, "sym": sym}
     if num_samples is not None:
         overrides["num_samples"] = num_samples
+    if forward_dtype is not None:
+        overrides["forward_dtype"] = forward_dtype
     try:
         config = QuantConfig(**overrides)
     except (ValueError, TypeError) as err:

@@ -90,6 +90,7 @@ def test_submit_read_list_cancel(client, clips, clip_transcripts, settings):
     assert job["status"] == "queued" and job["model"] is None and job["error"] is None
     assert job["progress"] == {"stage": None, "layer": None, "layers_total": None, "fraction": 0.0, "loss": None}
     assert job["config"]["method"] == "rtn" and job["config"]["group_size"] == 128
+    assert job["config"]["forward_dtype"] == "float32"  # the default
     assert job["files"]["calibration"]["clips"] == sorted(c.name for c in clips)
     assert job["files"]["calibration"]["transcripts"] is True
     assert len(job["id"]) == 32
@@ -302,6 +303,10 @@ def test_hub_id_not_cached_while_offline(client, clips):
 def test_bad_settings_and_missing_fields(client, clips):
     assert "method" in error_of(submit(client, clips[:1], method="awq"), 422)["message"]
     assert "bits" in error_of(submit(client, clips[:1], bits="5"), 422)["message"]
+    err = error_of(submit(client, clips[:1], forward_dtype="int8"), 422)
+    assert "forward_dtype" in err["message"] and "int8" in err["message"]
+    accepted = submit(client, clips[:1], forward_dtype="bfloat16")
+    assert accepted.status_code == 202 and accepted.json()["config"]["forward_dtype"] == "bfloat16"
     err = error_of(client.post("/v1/quantizations", data={"method": "rtn"}, files=upload(clips[:1])), 422)
     assert err["param"] == "model" and "required" in err["message"].lower()
     err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "gptq"}), 422)
