@@ -49,13 +49,15 @@ class LostWatch:
         self.since, self.beat = None, _UNSEEN
 
     def _looks_lost(self) -> str | None:
-        state = self.result.state
+        # one read of the backend (AsyncResult.state and .info would each read it again)
+        meta = self.result.backend.get_task_meta(self.result.id)
+        state = meta.get("status")
         if state == "PENDING":
             if self.folder is None or self.result.id in waiting_task_ids(self.folder, "transcribe"):
                 return None
             return "was taken by a worker that never started it (it died)"
         if state == "STARTED":
-            info = self.result.info if isinstance(self.result.info, dict) else {}
+            info = meta.get("result") if isinstance(meta.get("result"), dict) else {}
             beat = info.get("beat")  # None: Celery's own STARTED, which the task's first beat follows at once
             if beat != self.beat:
                 self.beat = beat
