@@ -11,7 +11,7 @@
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #     compressed-tensors==0.20.0 loguru==0.7.3 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 #     typing-inspection==0.4.5 typing-extensions==4.16.0 transformers==5.24.0 tokenizers==0.23.3 \
-#     regex==2026.11.19
+#     regex==2026.11.19 greenlet==3.5.6
 #   # only for the real-model step below (audio decoding): add  av==18.1.0
 #
 # Real small models (optional): copy a model folder to .gpu/models/<name>/ and a few clips to .gpu/speech/

@@ -210,14 +210,32 @@ def job_kernels(device: str = "cpu", rows: tuple[int, ...] = (1, 8, 128, 1500), 
     return {"device": device, "float_dtype": dtype_name(fp), "layers": out}
 
 
+def parse_method(spec: str) -> tuple[str, str, str]:
+    """METHOD[:DTYPE][:ORDER] -> (method, forward dtype, sequential order), defaults from QuantConfig."""
+    from tarq.config import DTYPES, QuantConfig
+
+    method, *rest = spec.split(":")
+    dtype, order = QuantConfig.forward_dtype, QuantConfig.sequential
+    for part in rest:
+        if part in DTYPES:
+            dtype = part
+        elif part in ("block", "layer"):
+            order = part
+        else:
+            raise SystemExit(f"--methods {spec}: {part!r} is neither a forward dtype ({', '.join(DTYPES)}) "
+                             "nor an order (block, layer)")
+    return method, dtype, order
+
+
 def job_quantize(model: str, method: str, calib: str, out_dir: str, calib_n: int, device: str = "cpu",
-                 batch_size: int = 8, forward_dtype: str = "float32") -> dict:
+                 batch_size: int = 8, forward_dtype: str = "float32", sequential: str = "block") -> dict:
     """One quantize_model run: wall time, peak memory, the report's per-stage seconds and solve time."""
     from tarq.config import QuantConfig
     from tarq.pipeline import quantize_model
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    config = QuantConfig(method=method, num_samples=calib_n, batch_size=batch_size, forward_dtype=forward_dtype)
+    config = QuantConfig(method=method, num_samples=calib_n, batch_size=batch_size, forward_dtype=forward_dtype,
+                         sequential=sequential)
     with Meter(device) as m:
         quantize_model(model, Path(calib) if method != "rtn" else None, Path(out_dir), config, device=device)
     report = json.loads((Path(out_dir) / "tarq_report.json").read_text())
@@ -226,7 +244,7 @@ def job_quantize(model: str, method: str, calib: str, out_dir: str, calib_n: int
     stages.setdefault("save", m.seconds - sum(stages.values()))
     stages.update(report.get("quantize_seconds") or {})
     return {"model": Path(model).name, "method": method, "calib_n": calib_n if method != "rtn" else 0,
-            "forward_dtype": report.get("forward_dtype"), "seconds": m.seconds, "peak_rss_mb": m.peak_rss,
+            "forward_dtype": report.get("forward_dtype"), "sequential": sequential, "seconds": m.seconds, "peak_rss_mb": m.peak_rss,
             "rss_start_mb": m.rss_start, "peak_cuda_mb": m.peak_cuda, "stages": stages, "artifact": out_dir}
 
 
@@ -459,7 +477,7 @@ def job_random_large(device: str = "cuda", variant: str = "eager", tokens: int =
 
 def job_large_quantize(device: str = "cuda", method: str = "tarq", clips: int = 128, tokens: int = 48,
                        batch_size: int = 8, shape: dict | None = None, tail_share: float = 0.07,
-                       forward_dtype: str = "float32") -> dict:
+                       forward_dtype: str = "float32", sequential: str = "block") -> dict:
     """The sequential driver (GPTQ or TARQ, W4G128) on a random-weight model with large-v3 shapes and
     `clips` synthetic calibration clips: random log-mel features, random token sequences of `tokens // 2`
     to `tokens` positions with `tail_share` of them tagged tail. Times the driver alone (no loading,
@@ -488,10 +506,10 @@ def job_large_quantize(device: str = "cuda", method: str = "tarq", clips: int = 
     say = lambda p: print(f"  {method} {p.stage} block {p.layer}/{p.layers_total}: "
                           f"{time.perf_counter() - t0:.1f} s", flush=True)
     driver = Driver(model, QuantConfig(method=method, num_samples=clips, batch_size=batch_size,
-                                       forward_dtype=forward_dtype), progress=say)
+                                       forward_dtype=forward_dtype, sequential=sequential), progress=say)
     with Meter(device) as m:
         driver.run(data)
-    out = {"method": method, "device": device, "dtype": dtype_name(dtype),
+    out = {"method": method, "sequential": sequential, "device": device, "dtype": dtype_name(dtype),
            # an fp16 model (CUDA) computes its float32 "passes" in fp16 all the same
            "forward_dtype": dtype_name(dtype if driver.forward_dtype == torch.float32 else driver.forward_dtype),
            "clips": clips,
@@ -638,35 +656,50 @@ def report_kernels(res: dict) -> list[str]:
     return lines
 
 
+def default_order() -> str:
+    from tarq.config import QuantConfig
+
+    return QuantConfig.sequential
+
+
+def is_default_order(row: dict) -> bool:
+    return row.get("sequential", "block") == default_order()
+
+
 def report_quant(rows: list[dict]) -> list[str]:
     lines = ["### Quantization (W4G128)", ""]
     out, stage_rows = [], []
     for r in rows:
         if "error" in r:
-            out.append([Path(r.get("model", "?")).name, r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 6)
+            out.append([Path(r.get("model", "?")).name, r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 7)
             continue
         base = next((b for b in rows if b.get("model") == r["model"] and b.get("method") == "gptq"
-                     and b.get("forward_dtype") in ("float32", None) and "error" not in b), None)
-        out.append([r["model"], r["method"], r.get("forward_dtype") or "-", str(r["calib_n"]),
+                     and b.get("forward_dtype") in ("float32", None) and is_default_order(b) and "error" not in b),
+                    None)
+        out.append([r["model"], r["method"], r.get("forward_dtype") or "-", r.get("sequential", "block"),
+                    str(r["calib_n"]),
                     f(r["seconds"], "{:.1f}"),
                     ratio(r["seconds"], base and base["seconds"]), f(r["peak_rss_mb"], "{:.0f}"),
                     ratio(r["peak_rss_mb"], base and base["peak_rss_mb"]), f(r["peak_cuda_mb"], "{:.0f}")])
         st = r["stages"]
         inner = [st.get(k) for k in ("forward", "statistics", "solve")]
         other = st["quantize"] - sum(inner) if st.get("quantize") is not None and None not in inner else None
-        stage_rows.append([r["model"], r["method"], r.get("forward_dtype") or "-"]
+        stage_rows.append([r["model"], r["method"], r.get("forward_dtype") or "-", r.get("sequential", "block")]
                           + [f(st.get(k), "{:.1f}") for k in ("load", "calibrate", "quantize")]
                           + [f(v, "{:.1f}") for v in (*inner, other)]
                           + [f(st.get("forward") and st["quantize"] / st["forward"]), f(st.get("save"), "{:.1f}")])
-    lines += table(["model", "method", "passes", "clips", "wall s", "vs GPTQ", "peak RSS MiB", "vs GPTQ",
+    lines += table(["model", "method", "passes", "order", "clips", "wall s", "vs GPTQ", "peak RSS MiB", "vs GPTQ",
                     "peak CUDA MiB"], out)
     lines += ["", "passes: what the calibration forward passes computed in (`--forward-dtype`; Hessians and solves "
-                  "are float32 in every row); vs GPTQ: against GPTQ with float32 passes.", "",
+                  "are float32 in every row); order: `--sequential` (block: every group of a block on inputs "
+                  f"captured before any of it is quantized; layer: each group after the ones before it); vs GPTQ: "
+                  f"against GPTQ with float32 passes and the default order ({default_order()}).", "",
               "Per stage (seconds, from tarq_report.json). Inside quantize: forward = the block forward passes "
-                  "over the calibration set (GPTQ two per block, TARQ three: its full-precision stream), statistics "
+                  "over the calibration set (block order: GPTQ two per block, TARQ three, its full-precision "
+                  "stream; layer order: one per stream, GPTQ one, TARQ two), statistics "
                   "= Hessians and drift, solve = the GPTQ / TARQ solves; quantize / forward says how close the run "
                   "is to the cost of its forward passes:", ""]
-    lines += table(["model", "method", "passes", "load", "calibrate", "quantize", "forward", "statistics", "solve",
+    lines += table(["model", "method", "passes", "order", "load", "calibrate", "quantize", "forward", "statistics", "solve",
                     "other", "quantize / forward", "save"], stage_rows)
     return lines
 
@@ -758,13 +791,13 @@ def report_large_quantize(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 10)
+            out.append([r.get("method", "?"), "failed: " + r["error"]] + ["-"] * 11)
             continue
-        base = next((b for b in rows if b.get("method") == "gptq" and "error" not in b
+        base = next((b for b in rows if b.get("method") == "gptq" and "error" not in b and is_default_order(b)
                      and b.get("forward_dtype", b["dtype"]) == b["dtype"]), None)
         st = r["stages"]
         inner = [st.get(k) for k in ("forward", "statistics", "solve")]
-        out.append([r["method"], r.get("forward_dtype", r["dtype"]),
+        out.append([r["method"], r.get("forward_dtype", r["dtype"]), r.get("sequential", "block"),
                     f"{r['clips']} ({r['tokens']} tokens, {r['tail_tokens']} tail)",
                     f(r["seconds"], "{:.1f}"), ratio(r["seconds"], base and base["seconds"]),
                     *(f(v, "{:.1f}") for v in inner),
@@ -775,7 +808,7 @@ def report_large_quantize(rows: list[dict]) -> list[str]:
         lines += [f"Device {ok.get('gpu', ok['device'])} ({ok['dtype']}); the sequential driver alone: a real run adds "
                   "loading, calibration (features, tagging, pseudo-labels for clips without transcripts) and "
                   "saving.", ""]
-    lines += table(["method", "passes", "clips", "wall s", "vs GPTQ", "forward s", "statistics s", "solve s",
+    lines += table(["method", "passes", "order", "clips", "wall s", "vs GPTQ", "forward s", "statistics s", "solve s",
                     "other s", "peak CUDA MiB", "peak RSS MiB", "encoder batch"], out)
     return lines
 
@@ -814,7 +847,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="cached short names (tarq.hub.pull) or model folders")
     ap.add_argument("--methods", default="rtn,gptq,tarq",
                     help="comma list of rtn, gptq, tarq; METHOD:DTYPE runs the calibration passes in DTYPE "
-                         "(float32, bfloat16, float16, auto; default float32), e.g. tarq:bfloat16")
+                         "(float32, bfloat16, float16, auto; default float32), METHOD:ORDER in that --sequential "
+                         "order (block, layer), e.g. tarq:bfloat16, tarq:layer, tarq:bfloat16:layer")
     ap.add_argument("--calib", type=Path, default=SPEECH / "ljspeech-385")
     ap.add_argument("--calib-n", type=int, default=128)
     ap.add_argument("--audio", type=Path, default=SPEECH / "commonvoice-en-100", help="clips to transcribe")
@@ -880,11 +914,11 @@ def main(argv: list[str] | None = None) -> dict:
             artifacts = {}
             if "quantize" in parts:
                 for spec in args.methods.split(","):
-                    method, _, dtype = spec.partition(":")
+                    method, dtype, order = parse_method(spec)
                     say(f"quantize {label} {spec} ...")
                     r = run_job("quantize", args.isolate, args.job_timeout, model=model_dir, method=method,
                                 calib=str(args.calib), out_dir=str(args.work / f"{label}-{spec.replace(':', '-')}"),
-                                calib_n=args.calib_n, device=args.device, forward_dtype=dtype or "float32")
+                                calib_n=args.calib_n, device=args.device, forward_dtype=dtype, sequential=order)
                     results["quantize"].append(r)
                     if "error" not in r:
                         artifacts.setdefault(method, r["artifact"])
@@ -933,11 +967,11 @@ def main(argv: list[str] | None = None) -> dict:
     if "large-quantize" in parts:
         results["large_quantize"] = []
         for spec in (m for m in args.methods.split(",") if m.partition(":")[0] != "rtn"):
-            method, _, dtype = spec.partition(":")
+            method, dtype, order = parse_method(spec)
             say(f"quantize random large-v3 shapes, {spec}, {args.calib_n} clips ...")
             r = run_job("large_quantize", args.isolate, args.job_timeout, device=args.device, method=method,
                         clips=args.calib_n, tokens=args.tokens, shape=args.large_shape,
-                        forward_dtype=dtype or "float32")
+                        forward_dtype=dtype, sequential=order)
             results["large_quantize"].append(r)
 
     write_report(results, out)

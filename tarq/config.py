@@ -38,9 +38,11 @@ class QuantConfig:
     residual_step: ResidualStep = "paper"
     encoder_tagging: EncoderTagging = "common"
     # "block": every group of a block is solved on inputs captured in one pass through the block before
-    # any of it is quantized (two passes per block). "layer": each group's inputs are captured after the
-    # groups before it in the block are quantized (GPTQ's "true sequential"; about one more pass per
-    # block), so a residual correction earlier in the block is not corrected again by later groups.
+    # any of it is quantized, then x advances through the quantized block (two passes per block, TARQ
+    # three). "layer": each group's inputs are captured after the groups before it in the block are
+    # quantized (GPTQ's "true sequential"), so a residual correction earlier in the block is not
+    # corrected again by later groups; the forwards pause before each group (tarq.paused_forward), one
+    # pass per block and stream, holding every batch's activations inside the block meanwhile.
     sequential: Sequential = "block"
     # What the calibration forward passes compute in (torch.autocast; the weights, the activation streams'
     # residual path, the Hessians and the solves stay float32). "auto" as for transcription: float16 on

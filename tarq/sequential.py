@@ -2,7 +2,8 @@
 
 Two activation streams run side by side for TARQ's residual correction: `x` through the blocks
 already quantized, `x_fp` through the full-precision ones. GPTQ runs `x` alone; RTN needs no data.
-Peak memory is one model plus the streams of one block's inputs.
+Peak memory is one model plus the streams of one block's inputs; in "layer" order also every batch's
+activations inside the block while its forward waits for a group to be solved.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .config import QuantConfig
 from .errors import Cancelled
 from .gptq import row_energy
 from .models import whisper
+from .paused_forward import PausedForward, pauses_before
 from .progress import Progress, ProgressFn, StopFn
 from .quantizer import QuantizedWeight, rtn
 from .rarebal import LayerStats, tarq_solve
@@ -127,13 +129,11 @@ class Driver:
 
     # -- one block -----------------------------------------------------------------------------
     def quantize_block(self, block, x, x_fp, kw_q, kw_fp, tails, masks, cross: LayerStats | None = None) -> float:
-        """Solve the block's groups (x_fp advances through the full-precision block on the way) and, in a
-        decoder block, its cross-attention k/v from `cross`; then advance x through the quantized block.
-        Returns the mean relative loss of the groups (cross k/v not included)."""
+        """Solve the block's groups and, in a decoder block, its cross-attention k/v from `cross`; x advances
+        through the quantized block, x_fp through the full-precision one. Returns the mean relative loss
+        of the groups (cross k/v not included)."""
         solve = self.quantize_block_layerwise if self.config.sequential == "layer" else self.quantize_block_at_once
         rel = solve(block, x, x_fp, kw_q, kw_fp, tails, masks, cross)
-        for j in range(len(x)):
-            x[j] = self.forward(block, x[j], kw_q[j])
         if x_fp is not None:
             # how far the quantized network's hidden states have drifted from the full-precision ones:
             # the quantity the residual correction exists to keep small
@@ -158,6 +158,11 @@ class Driver:
         with self.timed("forward"), self.autocast():
             return block.module(h, **_call_args(kw))
 
+    def resume(self, run: PausedForward) -> tuple[nn.Module, torch.Tensor] | None:
+        # autocast is entered here, around the paused forward, never inside it (tarq.paused_forward)
+        with self.timed("forward"), self.autocast():
+            return run.resume()
+
     def add_stats(self, st: LayerStats, x, tail, x_fp, dy) -> None:
         with self.timed("statistics"):
             st.add(x, tail, x_fp, dy)
@@ -174,7 +179,8 @@ class Driver:
 
     def quantize_block_at_once(self, block, x, x_fp, kw_q, kw_fp, tails, masks, cross) -> list[float]:
         """Gather every group's statistics on both streams in one pass (x_fp advancing through the
-        full-precision block), then solve the groups and cross-attention k/v."""
+        full-precision block), solve the groups and cross-attention k/v, then advance x through the
+        quantized block: two passes per block, three with x_fp."""
         groups = block.groups
         stats = [self.new_stats(block, g, x[0].device) for g in groups]
         pick = _picker(masks)
@@ -199,44 +205,60 @@ class Driver:
         rel = [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
         if cross is not None:
             self.solve_group(block, whisper.CROSS_KV, cross)
+        for j in range(len(x)):
+            x[j] = self.forward(block, x[j], kw_q[j])
         return rel
 
     def quantize_block_layerwise(self, block, x, x_fp, kw_q, kw_fp, tails, masks, cross) -> list[float]:
-        """Solve the groups in block order, each on x-stream inputs captured after the groups before it
-        were quantized. x_fp runs once through the full-precision block first; its inputs to every group
-        (and outputs, where drift is tracked by output) are kept at the selected positions until that
-        group is solved. Cross-attention k/v (statistics from the encoder output alone) are solved right
-        after that pass, so every group after them reads their quantized output."""
-        groups = block.groups
+        """Solve the groups in block order, each on x-stream inputs that went through the groups before
+        it already quantized, in one pass per stream: every batch's forward on each stream runs as a
+        PausedForward that stops before each group's first Linear. When all of them stand before group k,
+        its statistics are gathered, the full-precision forwards go on through it (still full precision)
+        to the next group, the group is solved, and then the x forwards go on through the quantized group.
+        A decoder block's cross-attention k/v take their place in that order with the statistics `cross`
+        gathered from the encoder output."""
+        order = whisper.DECODER_CALL_ORDER if block.side == "decoder" else block.groups
+        linears = [block.linear(g[0]) for g in order]
         pick = _picker(masks)
-        fp_io: list[list[tuple | None]] | None = None
-        if x_fp is not None:
-            fp_io = [[None] * len(x) for _ in groups]
-            seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            with capture_io([block.linear(g[0]) for g in groups], seen):
-                for j in range(len(x)):
-                    self.check_stop()
-                    seen.clear()
-                    x_fp[j] = self.forward(block, x_fp[j], kw_fp[j])
-                    for k, g in enumerate(groups):
-                        fp_io[k][j] = (pick(j, seen[k][0]),
-                                       pick(j, seen[k][1]) if self.drift_by_output(block, g) else None)
-        if cross is not None:
-            self.solve_group(block, whisper.CROSS_KV, cross)
+        start = lambda h, kw: PausedForward(lambda: block.module(h, **_call_args(kw)))  # noqa: E731
+        runs = [start(x[j], kw_q[j]) for j in range(len(x))]
+        runs_fp = [start(x_fp[j], kw_fp[j]) for j in range(len(x))] if x_fp is not None else []
         rel = []
-        for k, group in enumerate(groups):
-            first = block.linear(group[0])
-            st = self.new_stats(block, group, x[0].device)
-            for j in range(len(x)):
-                self.check_stop()
-                xin, y = io_of(first, lambda: self.forward(block, x[j], kw_q[j]))
-                fp = fp_io[k][j] if fp_io is not None else None
-                self.add_stats(st, pick(j, xin), pick(j, tails[j]) if tails[j] is not None else None,
-                               None if fp is None else fp[0], fp[1] - pick(j, y) if st.WHdelta is not None else None)
-                if fp_io is not None:
-                    fp_io[k][j] = None
-            rel.append(self.solve_group(block, group, st))
+        try:
+            with pauses_before(linears):
+                at_fp = [self.resume(r) for r in runs_fp]
+                for k, group in enumerate(order):
+                    given = cross if group == whisper.CROSS_KV else None
+                    st = given if given is not None else self.new_stats(block, group, x[0].device)
+                    for j, run in enumerate(runs):
+                        self.check_stop()
+                        xin = _paused_at(self.resume(run), linears[k], block.prefix, group[0])
+                        fp = _paused_at(at_fp[j], linears[k], block.prefix, group[0]) if runs_fp else None
+                        if given is None:
+                            self.add_group_stats(st, linears[k], pick(j, xin), None if fp is None else pick(j, fp),
+                                                 pick(j, tails[j]) if tails[j] is not None else None)
+                        if runs_fp:  # on through group k while it is still full precision
+                            at_fp[j] = self.resume(runs_fp[j])
+                    loss = self.solve_group(block, group, st)
+                    if given is None:
+                        rel.append(loss)
+                for run in runs:  # on through the last, now quantized, group to the block's output
+                    if self.resume(run) is not None:
+                        raise RuntimeError(f"{block.prefix} called a grouped Linear after its last group")
+        finally:
+            for run in runs + runs_fp:
+                run.close()
+        x[:] = [run.output for run in runs]
+        if x_fp is not None:
+            x_fp[:] = [run.output for run in runs_fp]
         return rel
+
+    def add_group_stats(self, st: LayerStats, lin: nn.Linear, xin, fp, tail) -> None:
+        dy = None
+        if st.WHdelta is not None:  # drift by output: W x_fp - W x, with W still full precision
+            with self.timed("statistics"):
+                dy = (fp.float() - xin.float()) @ lin.weight.float().T
+        self.add_stats(st, xin, tail, fp, dy)
 
     def solve_group(self, block, group: tuple[str, ...], stats: LayerStats) -> float:
         """Solve the layers of one group together; record each layer's quantized weight and report row."""
@@ -303,28 +325,11 @@ def _picker(masks):
     return lambda j, t: t[masks[j]]
 
 
-class _Stop(Exception):
-    pass
-
-
-def io_of(linear: nn.Linear, run) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input and output of `linear` during `run()`; the forward stops right after it."""
-    got: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def hook(_m, args, out):
-        got.append((args[0], out))
-        raise _Stop
-
-    handle = linear.register_forward_hook(hook)
-    try:
-        run()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not got:
-        raise RuntimeError(f"{type(linear).__name__} was never called")
-    return got[0]
+def _paused_at(at: tuple[nn.Module, torch.Tensor] | None, expected: nn.Module, prefix: str, name: str) -> torch.Tensor:
+    """The input a paused forward stands with, checked to be the Linear the group order expects next."""
+    if at is None or at[0] is not expected:
+        raise RuntimeError(f"{prefix}: the forward did not reach {name} where its group order puts it")
+    return at[1]
 
 
 @contextmanager

@@ -98,17 +98,25 @@ def test_deterministic(tiny_whisper_dir, calib_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cancel_stops_the_run(tiny_whisper_dir, calib_dir, tmp_path):
+@pytest.mark.parametrize("method,mode", [("gptq", "block"), ("tarq", "layer")])
+def test_cancel_stops_the_run(method, mode, tiny_whisper_dir, calib_dir, tmp_path):
+    import gc
+
+    from greenlet import greenlet
+
     calls = []
 
     def stop():
         calls.append(1)
-        return len(calls) > 2
+        return len(calls) > 2  # "layer": while the block's forwards stand paused before its first group
 
     with pytest.raises(Cancelled):
-        quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "c", QuantConfig(method="gptq", batch_size=4),
-                       should_stop=stop)
+        quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "c",
+                       QuantConfig(method=method, batch_size=4, sequential=mode), should_stop=stop)
     assert not (tmp_path / "c" / "model.safetensors").exists()
+    gc.collect()
+    paused = [g for g in gc.get_objects() if type(g) is greenlet and g and g.parent is not None]
+    assert not paused, "a paused forward was left running"
 
 
 def test_calibration_errors(tiny_whisper_dir, tmp_path):
@@ -138,6 +146,40 @@ def test_layer_sequential_solves_later_groups_on_quantized_inputs(tiny_whisper_d
     later = "model.encoder.layers.0.fc2.weight_packed"  # reads the output of the quantized fc1 in "layer"
     assert torch.equal(packed["block"][first], packed["layer"][first])
     assert not torch.equal(packed["block"][later], packed["layer"][later])
+
+
+@pytest.mark.parametrize("mode", ["layer", "block"])
+def test_layer_sequential_solves_each_group_on_the_quantized_blocks_own_inputs(mode, tiny_whisper_dir, calib_dir):
+    """In "layer" mode fc2 of encoder block 0 is solved on exactly the inputs the finished quantized block
+    gives it (its reported loss, recomputed from them, agrees); in "block" mode it is solved on the
+    full-precision block's, and the recomputed loss does not agree."""
+    from tarq.calibrate import load_samples, prepare
+    from tarq.models import whisper
+    from tarq.models.loader import load_whisper
+    from tarq.sequential import Driver
+
+    config = QuantConfig(method="gptq", batch_size=4, num_samples=4, sequential=mode)
+    model, processor = load_whisper(tiny_whisper_dir)
+    data = prepare(model, processor, load_samples(calib_dir, 4), config, "cpu", torch.float32)
+    block = whisper.blocks(model)[0]
+    W = block.linear("fc2").weight.detach().clone()
+    driver = Driver(model, config)
+    driver.run(data)
+    Q = block.linear("fc2").weight.detach()  # the model now holds the dequantized weights
+    assert not torch.equal(W, Q)
+    seen = []
+    handle = block.linear("fc2").register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        h, kw = whisper.encoder_inputs(model, data.features)
+        block.module(h, **{k: v for k, v in kw.items() if k != "hidden_states"})
+    handle.remove()
+    X = seen[0].reshape(-1, W.shape[1])
+    recomputed = float(((X @ (W - Q).T) ** 2).sum() / ((X @ W.T) ** 2).sum())
+    reported = next(r["loss_final"] for r in driver.layers if r["name"] == f"{block.prefix}.fc2")
+    if mode == "layer":
+        assert recomputed == pytest.approx(reported, rel=1e-3)
+    else:
+        assert recomputed != pytest.approx(reported, rel=1e-2)
 
 
 def test_layer_sequential_tarq_full_step_follows_the_full_precision_stream(tiny_whisper_dir, calib_dir, tmp_path):
@@ -279,30 +321,35 @@ def test_tarq_first_encoder_block_runs_once_for_both_streams(tiny_whisper_dir, c
                      "model.decoder.layers.0": 3 * 2, "model.decoder.layers.1": 3 * 2}
 
 
-@pytest.mark.parametrize("method,mode", [("gptq", "block"), ("tarq", "block"), ("gptq", "layer")])
-def test_decoder_blocks_advance_through_quantized_cross_attention(method, mode, tiny_whisper_dir, calib_dir,
-                                                                  tmp_path, monkeypatch):
-    """x leaves a decoder block through every quantized layer of it, cross-attention k/v included."""
+@pytest.mark.parametrize("method,mode,expected", [
+    ("gptq", "block", [True, True, False, False]),  # statistics pass, then the advance pass
+    ("tarq", "block", [True] * 4 + [False, False]),  # each batch on both streams, then the advance pass
+    ("gptq", "layer", [False, False]),  # one pass: k/v are solved before it reaches them
+    ("tarq", "layer", [True, True, False, False]),  # the full-precision stream passes them first
+])
+def test_decoder_blocks_advance_through_quantized_cross_attention(method, mode, expected, tiny_whisper_dir,
+                                                                  calib_dir, tmp_path, monkeypatch):
+    """x leaves a decoder block through every quantized layer of it, cross-attention k/v included; the
+    full-precision stream through full-precision ones. One call per batch (2) and pass: in "layer" mode one
+    pass per stream."""
     from tarq import sequential
 
-    calls: dict[str, list[bool]] = {}  # per decoder block call: is cross-attention k still full precision?
-    fp_weight: dict[str, torch.Tensor] = {}
-    forward = sequential.Driver.forward
+    calls: dict[str, list[bool]] = {}  # per call of cross-attention k: was its weight full precision?
+    blocks: dict[str, int] = {}  # block calls
+    run = sequential.Driver.run
 
-    def recording(self, block, h, kw):
-        if not fp_weight:  # the first call (encoder block 0): nothing is quantized yet
-            fp_weight.update({b.prefix: b.linear("encoder_attn.k_proj").weight.detach().clone()
-                              for b in self.blocks if b.side == "decoder"})
-        if block.side == "decoder":
-            k = block.linear("encoder_attn.k_proj").weight
-            calls.setdefault(block.prefix, []).append(torch.equal(k, fp_weight[block.prefix]))
-        return forward(self, block, h, kw)
+    def hooked(self, data):
+        for b in self.blocks:
+            if b.side == "decoder":
+                fp = b.linear("encoder_attn.k_proj").weight.detach().clone()
+                b.linear("encoder_attn.k_proj").register_forward_hook(
+                    lambda m, a, out, p=b.prefix, fp=fp: calls.setdefault(p, []).append(torch.equal(m.weight, fp)))
+                b.module.register_forward_pre_hook(lambda m, a, p=b.prefix: blocks.__setitem__(p, blocks.get(p, 0) + 1))
+        return run(self, data)
 
-    monkeypatch.setattr(sequential.Driver, "forward", recording)
+    monkeypatch.setattr(sequential.Driver, "run", hooked)
     quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "q",
                    QuantConfig(method=method, batch_size=4, num_samples=8, sequential=mode))
-    assert set(calls) == {"model.decoder.layers.0", "model.decoder.layers.1"}
-    for seq in calls.values():
-        assert seq[-2:] == [False, False]  # the advance pass, one call per batch
-        if mode == "block":  # statistics (and the full-precision stream) first, on the full-precision block
-            assert seq[:-2] == [True] * (len(seq) - 2) and len(seq) == (6 if method == "tarq" else 4)
+    assert calls == {"model.decoder.layers.0": expected, "model.decoder.layers.1": expected}
+    # block 0 is also called once per batch to capture its inputs (stopped there)
+    assert blocks == {"model.decoder.layers.0": len(expected) + 2, "model.decoder.layers.1": len(expected)}

@@ -139,20 +139,24 @@ def test_main_writes_the_report(speed, tmp_path):
     assert set(res["large"][0]["models"]) == {"fp", "int4"}
 
 
-def test_main_quantizes_with_the_passes_each_method_names(speed, tiny_whisper_dir, calib_dir, tmp_path):
-    """--methods gptq,gptq:bfloat16: one run with float32 passes, one with bf16 passes, both against the
-    float32 one."""
+def test_main_quantizes_with_the_passes_and_order_each_method_names(speed, tiny_whisper_dir, calib_dir, tmp_path):
+    """--methods gptq,gptq:bfloat16,gptq:layer: float32 passes in block order (the defaults), bf16 passes,
+    layer order; every row against the first."""
     out = tmp_path / "speed.md"
-    speed.main(["--parts", "quantize", "--models", str(tiny_whisper_dir), "--methods", "gptq,gptq:bfloat16",
+    speed.main(["--parts", "quantize", "--models", str(tiny_whisper_dir), "--methods", "gptq,gptq:bfloat16,gptq:layer",
                 "--calib", str(calib_dir), "--calib-n", "2", "--no-isolate", "--work", str(tmp_path / "work"),
                 "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["quantize"]
-    assert [(r["method"], r["forward_dtype"]) for r in rows] == [("gptq", "float32"), ("gptq", "bfloat16")]
-    assert rows[0]["artifact"] != rows[1]["artifact"]
+    assert [(r["method"], r["forward_dtype"], r["sequential"]) for r in rows] == [
+        ("gptq", "float32", "block"), ("gptq", "bfloat16", "block"), ("gptq", "float32", "layer")]
+    assert len({r["artifact"] for r in rows}) == 3
     text = out.read_text()
-    assert "| tiny-whisper | gptq | float32 | 2 |" in text and "| tiny-whisper | gptq | bfloat16 | 2 |" in text
-    base = next(line for line in text.splitlines() if line.startswith("| tiny-whisper | gptq | float32 | 2 |"))
-    assert base.count("| 1.00x |") == 2  # the baseline: the float32 run's wall time and memory
+    for passes, order in (("float32", "block"), ("bfloat16", "block"), ("float32", "layer")):
+        assert f"| tiny-whisper | gptq | {passes} | {order} | 2 |" in text
+    base = next(line for line in text.splitlines() if line.startswith("| tiny-whisper | gptq | float32 | block | 2 |"))
+    assert base.count("| 1.00x |") == 2  # the baseline: the default run's wall time and memory
+    with pytest.raises(SystemExit, match="'fast' is neither a forward dtype"):
+        speed.parse_method("gptq:fast")
 
 
 def test_large_quantize_job_runs_the_driver_on_random_data(speed):
@@ -167,7 +171,7 @@ def test_large_quantize_job_runs_the_driver_on_random_data(speed):
         assert 3 * 5 <= r["tokens"] <= 3 * 10 and r["tail_tokens"] <= r["tokens"]
         assert r["seconds"] > 0 and {"forward", "statistics", "solve"} <= set(r["stages"])
     text = "\n".join(speed.report_large_quantize(rows + [{"error": "out of memory", "method": "tarq"}]))
-    assert "RANDOM weights" in text and "| gptq | float32 | 3 (" in text and "| 1.00x |" in text
+    assert "RANDOM weights" in text and "| gptq | float32 | block | 3 (" in text and "| 1.00x |" in text
     assert "failed: out of memory" in text
 
 

@@ -28,6 +28,9 @@ DECODER_GROUPS: tuple[tuple[str, ...], ...] = (
     ("fc2",),
 )
 CROSS_KV: tuple[str, ...] = ("encoder_attn.k_proj", "encoder_attn.v_proj")
+# The order a decoder block's forward calls the first Linear of each group, cross-attention k/v included
+# (after their query)
+DECODER_CALL_ORDER: tuple[tuple[str, ...], ...] = DECODER_GROUPS[:3] + (CROSS_KV,) + DECODER_GROUPS[3:]
 
 # glibc serves every allocation above its largest mmap threshold (32 MiB on 64-bit) with a fresh mmap that
 # the kernel zero-fills page by page on first touch, on every call. A whisper-base encoder batch of 8 clips
