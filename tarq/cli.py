@@ -63,7 +63,8 @@ def main() -> None:
 @click.option("--residual-step", type=click.Choice(["paper", "full"]), default="paper", show_default=True,
               help="paper: alpha from TARQ.md; full: alpha = 1 (the least-squares target; an experiment).")
 @click.option("--sequential", type=click.Choice(["block", "layer"]), default="block", show_default=True,
-              help="layer: capture each group's inputs after the groups before it in the block are quantized.")
+              help="layer: capture each group's inputs after the groups before it in the block are quantized "
+                   "(one pass per block and stream: faster, more memory).")
 @click.option("--act-order", is_flag=True)
 @click.option("--forward-dtype", type=click.Choice(DTYPES), default=QuantConfig.forward_dtype, show_default=True,
               help="What the calibration forward passes compute in (Hessians and solves stay float32); auto: "

@@ -50,6 +50,10 @@ def create_quantization(
     forward_dtype: Annotated[str | None, Form(
         description="what the calibration forward passes compute in: float32 (default), bfloat16, float16, or "
                     "auto (the worker's fast dtype); Hessians and solves stay float32")] = None,
+    sequential: Annotated[str | None, Form(
+        description="block (default): every group of a block solved on inputs captured before any of it is "
+                    "quantized; layer: each group after the ones before it (GPTQ's true sequential: one pass "
+                    "per block and stream, faster, more memory)")] = None,
     files: Annotated[list[UploadFile] | None, File(description="calibration clips")] = None,
     archive: Annotated[UploadFile | None, File(description="calibration clips as zip / tar.gz")] = None,
     transcripts: Annotated[UploadFile | None, File(description="file<TAB>text")] = None,
@@ -70,6 +74,8 @@ def create_quantization(
         overrides["num_samples"] = num_samples
     if forward_dtype is not None:
         overrides["forward_dtype"] = forward_dtype
+    if sequential is not None:
+        overrides["sequential"] = sequential
     try:
         config = QuantConfig(**overrides)
     except (ValueError, TypeError) as err:

@@ -307,6 +307,10 @@ def test_bad_settings_and_missing_fields(client, clips):
     assert "forward_dtype" in err["message"] and "int8" in err["message"]
     accepted = submit(client, clips[:1], forward_dtype="bfloat16")
     assert accepted.status_code == 202 and accepted.json()["config"]["forward_dtype"] == "bfloat16"
+    err = error_of(submit(client, clips[:1], sequential="group"), 422)
+    assert "sequential" in err["message"] and "group" in err["message"]
+    accepted = submit(client, clips[:1], sequential="layer")
+    assert accepted.status_code == 202 and accepted.json()["config"]["sequential"] == "layer"
     err = error_of(client.post("/v1/quantizations", data={"method": "rtn"}, files=upload(clips[:1])), 422)
     assert err["param"] == "model" and "required" in err["message"].lower()
     err = error_of(client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "gptq"}), 422)
