@@ -2,13 +2,15 @@
 
     python bench/seeds.py --models whisper-tiny.en --seeds 0,1,2,3,4
     python bench/seeds.py --models whisper-base --seeds 0,1,2,3,4 --work .cache/bench-base
+    python bench/seeds.py --models whisper-tiny.en --seeds 0,1,2,3,4 --order layer   # seeds-layer.md
 
 bench/quality.py's bootstrap intervals resample the evaluation utterances, not the quantizer: a GPTQ run
 on another draw of calibration clips flips other roundings, and on sets with 39 and 119 rare words a
 flipped word is 2.6 and 0.8 points. This runs FP, GPTQ and TARQ once per seed (quality.py's settings and
 cache, so seed 0 reuses the main table's results), and tabulates TARQ - GPTQ per seed with its interval.
 The LJSpeech hold-out is the first 100 clips not drawn for calibration, so it changes a little with the
-seed; Common Voice does not. Writes bench/results/seeds.md.
+seed; Common Voice does not. Writes bench/results/seeds.md; `--order layer` runs GPTQ and TARQ in
+`--sequential layer` order (quality.py's `gptq-layer`, `tarq-layer`) and writes seeds-layer.md.
 """
 from __future__ import annotations
 
@@ -27,6 +29,12 @@ SETS = ["commonvoice-en-100", "ljspeech-holdout"]
 VARIANTS = ["fp", "gptq", "tarq"]
 
 
+def variants(order: str) -> dict[str, str]:
+    """Column name -> quality.py variant for this --sequential order."""
+    suffix = "" if order == "block" else f"-{order}"
+    return {"fp": "fp", "gptq": f"gptq{suffix}", "tarq": f"tarq{suffix}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="whisper-tiny.en")
@@ -36,8 +44,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--report-only", action="store_true", help="only tabulate results already cached")
-    ap.add_argument("--out", type=Path, default=RESULTS / "seeds.md")
+    ap.add_argument("--order", choices=["block", "layer"], default="block", help="--sequential of GPTQ and TARQ")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/seeds.md (seeds-layer.md)")
     args = ap.parse_args()
+    args.out = args.out or RESULTS / ("seeds.md" if args.order == "block" else f"seeds-{args.order}.md")
+    names = variants(args.order)
     # the cache key's other parts, as bench/quality.py runs for the README (untagged, float32 encoder path)
     args.eval_limit, args.cpu_bf16, args.tag = None, False, ""
     try:
@@ -57,10 +68,11 @@ def main() -> None:
         model_dir = None if args.report_only else pull(model)
         for seed in seeds:
             calib, audio_only, holdout = split_ljspeech(args.calib_n, seed, args.work)
-            for variant in VARIANTS:
+            for column in VARIANTS:
+                variant = names[column]
                 key = result_path(model, variant, args.calib_n, seed, args)
                 if key.exists():
-                    rows[(model, seed, variant)] = json.loads(key.read_text())
+                    rows[(model, seed, column)] = json.loads(key.read_text())
                     continue
                 if args.report_only:
                     continue
@@ -70,7 +82,7 @@ def main() -> None:
                                   args.batch_size, None, args.holdout_limit)
                 row["wall_seconds"] = round(time.perf_counter() - t, 1)
                 key.write_text(json.dumps(row, indent=1))
-                rows[(model, seed, variant)] = row
+                rows[(model, seed, column)] = row
             write_report(rows, args)
     if not rows:
         raise SystemExit("no cached results for these models and seeds")
@@ -79,7 +91,8 @@ def main() -> None:
 
 
 def write_report(rows: dict[tuple[str, int, str], dict], args) -> None:
-    lines = ["# TARQ vs GPTQ across calibration draws", "",
+    order = "" if args.order == "block" else f", both in {args.order} order (`--sequential {args.order}`)"
+    lines = [f"# TARQ vs GPTQ across calibration draws{order}", "",
              f"Command: `python bench/seeds.py {' '.join(sys.argv[1:])}`".rstrip(), "",
              (f"{args.calib_n} LJSpeech calibration clips drawn with each seed; W4G128; evaluation as "
              "bench/results/quality.md (greedy English decoding, rare = wordfreq Zipf < 3). WER / rare-WER in %; "

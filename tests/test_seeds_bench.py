@@ -46,9 +46,12 @@ def test_report_pairs_tarq_with_gptq_per_seed(seeds, tmp_path):
         rows[("m", seed, "fp")] = row("fp", good, quality)
         rows[("m", seed, "gptq")] = row("gptq", good, quality)
         rows[("m", seed, "tarq")] = row("tarq", bad, quality)
-    args = Namespace(calib_n=128, out=tmp_path / "seeds.md")
+    args = Namespace(calib_n=128, out=tmp_path / "seeds.md", order="layer")
     seeds.write_report(rows, args)
     text = args.out.read_text()
+    assert text.startswith("# TARQ vs GPTQ across calibration draws, both in layer order")
+    assert seeds.variants("layer") == {"fp": "fp", "gptq": "gptq-layer", "tarq": "tarq-layer"}
+    assert seeds.variants("block") == {"fp": "fp", "gptq": "gptq", "tarq": "tarq"}
     lines = [ln for ln in text.splitlines() if ln.startswith("| m |")]
     assert len(lines) == 2
     assert lines[0].endswith("| +0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] |")  # seed 0: identical texts
