@@ -21,11 +21,16 @@ from greenlet import GreenletExit, getcurrent, greenlet
 from torch import nn
 
 
+class _Forward(greenlet):
+    """The greenlet of a PausedForward: only these pause (a caller may itself run in a greenlet, e.g.
+    under gevent)."""
+
+
 class PausedForward:
     """`run()` as a coroutine: `resume` runs it on to the next paused Linear or to its end."""
 
     def __init__(self, run: Callable[[], torch.Tensor]):
-        self._glet = greenlet(run)
+        self._glet = _Forward(run)
         self.output: torch.Tensor | None = None
 
     def resume(self) -> tuple[nn.Module, torch.Tensor] | None:
@@ -33,6 +38,7 @@ class PausedForward:
         result in `output`). An exception inside `run()` is raised here."""
         if self._glet.dead:
             raise RuntimeError("this forward has already finished")
+        self._glet.parent = getcurrent()  # a pause comes back to whoever resumed it
         got = self._glet.switch()
         if self._glet.dead:
             self.output = got
@@ -47,9 +53,8 @@ class PausedForward:
 
 def _pause(module: nn.Module, args: tuple) -> None:
     here = getcurrent()
-    if here.parent is None:  # called outside any PausedForward: run through
-        return
-    here.parent.switch((module, args[0]))
+    if isinstance(here, _Forward):  # elsewhere (a plain call): run through
+        here.parent.switch((module, args[0]))
 
 
 @contextmanager

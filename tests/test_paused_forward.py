@@ -75,3 +75,21 @@ def test_close_ends_a_paused_forward_and_frees_what_it_holds():
     assert finished == [True] and held() is None
     with pytest.raises(RuntimeError, match="already finished"):
         run.resume()
+
+
+def test_works_when_the_caller_itself_runs_in_a_greenlet():
+    """Under a greenlet-based worker pool the driver is not the main greenlet: pauses still come back to
+    the caller, and the caller's own calls of a paused Linear run through."""
+    from greenlet import greenlet
+
+    net, x = toy(), torch.randn(2, 8)
+
+    def caller():
+        run = PausedForward(lambda: net(x))
+        with pauses_before([net[2]]):
+            module, xin = run.resume()
+            direct = net(x)  # the caller's own call: no pause
+            assert run.resume() is None
+        return module is net[2], torch.equal(xin, net[1](net[0](x))), torch.equal(direct, run.output)
+
+    assert greenlet(caller).switch() == (True, True, True)
