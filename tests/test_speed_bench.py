@@ -188,10 +188,14 @@ def test_random_large_job_on_cuda_takes_tinygemm(speed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_large_quantize_job_on_cuda(speed):
-    """The driver in float16 on the GPU, both streams on the device."""
+@pytest.mark.parametrize("sequential", ["block", "layer"])
+def test_large_quantize_job_on_cuda(speed, sequential):
+    """The driver in float16 on the GPU, both streams on the device; in layer order through paused
+    forwards."""
     from tarq.models import whisper
 
-    r = speed.job_large_quantize(device="cuda", method="tarq", clips=3, tokens=10, batch_size=2, shape=TINY_SHAPE)
+    r = speed.job_large_quantize(device="cuda", method="tarq", clips=3, tokens=10, batch_size=2, shape=TINY_SHAPE,
+                                 sequential=sequential)
     assert r["dtype"] == "float16" and r["peak_cuda_mb"] > 0 and r["encoder_batch_size"] == 2
+    assert r["sequential"] == sequential
     assert r["layers"] == len(whisper.quantizable_names(speed.random_whisper("cpu", torch.float32, TINY_SHAPE)))
