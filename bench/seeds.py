@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from quality import RESULTS, SPEECH, fmt, paired_delta, result_path, run_variant, split_ljspeech
 
+from tarq.config import ORDERS
+
 SETS = ["commonvoice-en-100", "ljspeech-holdout"]
 VARIANTS = ["fp", "gptq", "tarq"]
 
@@ -44,7 +46,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--report-only", action="store_true", help="only tabulate results already cached")
-    ap.add_argument("--order", choices=["block", "layer"], default="block", help="--sequential of GPTQ and TARQ")
+    ap.add_argument("--order", choices=ORDERS, default="block", help="--sequential of GPTQ and TARQ")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/seeds.md (seeds-layer.md)")
     args = ap.parse_args()
     args.out = args.out or RESULTS / ("seeds.md" if args.order == "block" else f"seeds-{args.order}.md")

@@ -212,18 +212,18 @@ def job_kernels(device: str = "cpu", rows: tuple[int, ...] = (1, 8, 128, 1500), 
 
 def parse_method(spec: str) -> tuple[str, str, str]:
     """METHOD[:DTYPE][:ORDER] -> (method, forward dtype, sequential order), defaults from QuantConfig."""
-    from tarq.config import DTYPES, QuantConfig
+    from tarq.config import DTYPES, ORDERS, QuantConfig
 
     method, *rest = spec.split(":")
     dtype, order = QuantConfig.forward_dtype, QuantConfig.sequential
     for part in rest:
         if part in DTYPES:
             dtype = part
-        elif part in ("block", "layer"):
+        elif part in ORDERS:
             order = part
         else:
             raise SystemExit(f"--methods {spec}: {part!r} is neither a forward dtype ({', '.join(DTYPES)}) "
-                             "nor an order (block, layer)")
+                             f"nor an order ({', '.join(ORDERS)})")
     return method, dtype, order
 
 

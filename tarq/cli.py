@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .config import DTYPES, QuantConfig
+from .config import DTYPES, ORDERS, QuantConfig
 from .errors import TarqError
 
 
@@ -62,7 +62,7 @@ def main() -> None:
 @click.option("--no-residual", is_flag=True, help="TARQ without the residual correction (ablation).")
 @click.option("--residual-step", type=click.Choice(["paper", "full"]), default="paper", show_default=True,
               help="paper: alpha from TARQ.md; full: alpha = 1 (the least-squares target; an experiment).")
-@click.option("--sequential", type=click.Choice(["block", "layer"]), default="block", show_default=True,
+@click.option("--sequential", type=click.Choice(ORDERS), default=QuantConfig.sequential, show_default=True,
               help="layer: capture each group's inputs after the groups before it in the block are quantized "
                    "(one pass per block and stream: faster, more memory).")
 @click.option("--act-order", is_flag=True)

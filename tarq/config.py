@@ -8,6 +8,7 @@ Method = Literal["tarq", "gptq", "rtn"]
 EncoderTagging = Literal["common", "frames"]
 ResidualStep = Literal["paper", "full"]
 Sequential = Literal["block", "layer"]
+ORDERS: tuple[str, ...] = get_args(Sequential)
 # What a model computes in when it transcribes (tarq.transcribe.compute_dtype); here, free of torch, for
 # the CLI and the service settings
 ComputeDtype = Literal["float32", "bfloat16", "float16", "auto"]
@@ -66,7 +67,7 @@ class QuantConfig:
             raise ValueError(f"encoder_tagging must be common or frames, not {self.encoder_tagging!r}")
         if self.residual_step not in ("paper", "full"):
             raise ValueError(f"residual_step must be paper or full, not {self.residual_step!r}")
-        if self.sequential not in ("block", "layer"):
+        if self.sequential not in ORDERS:
             raise ValueError(f"sequential must be block or layer, not {self.sequential!r}")
         if self.forward_dtype not in DTYPES:
             raise ValueError(f"forward_dtype must be one of {', '.join(DTYPES)}, not {self.forward_dtype!r}")
