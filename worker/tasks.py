@@ -244,21 +244,22 @@ def beating(task, every: float):
     seconds with a counter that goes up: the API's wait sends the task again once the counter stops
     (app.task_wait), which is how it learns that the process running it died. Stopped and joined before
     the block's result is stored, so that no beat lands after it."""
-    meta = {"pid": os.getpid(), "hostname": task.request.hostname}
+    # read here: Celery's task.request is thread-local, and empty in the beat's thread
+    task_id, meta = task.request.id, {"pid": os.getpid(), "hostname": task.request.hostname}
     done = threading.Event()
 
     def run() -> None:
         n = 0
         while True:
             try:
-                task.update_state(state="STARTED", meta={**meta, "beat": n})
+                task.update_state(task_id=task_id, state="STARTED", meta={**meta, "beat": n})
             except Exception as err:  # a backend blip must not fail the request; the next beat retries
-                log.warning("beat of task %s failed: %s", task.request.id, err)
+                log.warning("beat of task %s failed: %s", task_id, err)
             if done.wait(every):
                 return
             n += 1
 
-    thread = threading.Thread(target=run, daemon=True, name=f"beat-{task.request.id}")
+    thread = threading.Thread(target=run, daemon=True, name=f"beat-{task_id}")
     thread.start()
     try:
         yield

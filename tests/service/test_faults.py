@@ -61,6 +61,17 @@ class Started:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         return proc
 
+    def serve(self, env, port: int) -> tuple[subprocess.Popen, Path]:
+        """`tarq serve` with its embedded worker, ready; returns the process and its log. Its own session:
+        teardown stops serve, its worker and that worker's pool together."""
+        proc = self.start(tarq_command("serve", "--port", str(port), "--concurrency", "1"), env, "serve",
+                          kind="worker")
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        log = self.tmp_path / "serve.log"
+        _wait_for(lambda: re.search(r"worker: pid \d+", log.read_text(errors="replace"))
+                  and " ready." in log.read_text(errors="replace"), 120, "the embedded worker starting")
+        return proc, log
+
     def redis(self, port: int, folder) -> subprocess.Popen:
         # The compose file's persistence: AOF, fsync every second.
         import redis
@@ -333,13 +344,9 @@ def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(star
     env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_TRANSCRIBE_WAIT_SECONDS="120",
                TARQ_TRANSCRIBE_LOST_AFTER_SECONDS="5")
     port = free_port()
-    # its own session: teardown stops serve, its worker and that worker's pool together
-    serve = started.start(tarq_command("serve", "--port", str(port), "--concurrency", "1"), env, "serve",
-                          kind="worker")
-    wait_http(f"http://127.0.0.1:{port}/healthz", serve)
-    text = lambda: (tmp_path / "serve.log").read_text(errors="replace")  # noqa: E731
+    serve, log = started.serve(env, port)
+    text = lambda: log.read_text(errors="replace")  # noqa: E731
     pids = lambda: [int(p) for p in re.findall(r"worker: pid (\d+)", text())]  # noqa: E731
-    _wait_for(lambda: pids() and " ready." in text(), 120, "the embedded worker starting")
     first = pids()[0]
     pool = _wait_for(lambda: _children_of(first), 30, "the worker's pool process")
     os.kill(first, signal.SIGSTOP)  # it takes nothing from now on
@@ -368,6 +375,78 @@ def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(star
     assert serve.poll() is None
     # the dead worker's pool process did not stay behind
     _wait_for(lambda: not [p for p in pool if _alive(p)], 30, "the killed worker's pool exiting")
+
+
+@pytest.mark.slow
+def test_a_transcription_running_longer_than_the_lost_window_is_not_sent_again(started, tmp_path,
+                                                                                subprocess_env, tone_wav):
+    """The task beats while it runs (from a thread of the pool process, under the task's own id): a live
+    transcription several lost-after windows long is answered once, never taken for lost."""
+    key = "long-key"
+    env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_HEARTBEAT_SECONDS="0.5",
+               TARQ_TRANSCRIBE_LOST_AFTER_SECONDS="1")
+    port = free_port()
+    _, log = started.serve(env, port)
+    with _client(port, key) as client:
+        # the random model never ends a window early: 448 decoding steps in each of two, seconds of work
+        clip = tone_wav(tmp_path / "tone.wav", 50.0)
+        answered = client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper"},
+                               files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
+    assert answered.status_code == 200, answered.text
+    timing = dict(re.findall(r"(\w+);dur=([\d.]+)", answered.headers["Server-Timing"]))
+    assert float(timing["transcribe"]) > 4000, timing  # four lost-after windows at least
+    text = log.read_text(errors="replace")
+    assert "sent again" not in text, text
+    assert len(re.findall(r"Task tarq\.transcribe\[\S+\] received", text)) == 1, text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_worker_killed_holding_a_transcription_another_answers_it(started, tmp_path, subprocess_env,
+                                                                       tone_wav):
+    """A worker on Redis SIGKILLed after taking a transcription's message, before starting it (its pool
+    process stopped, so the task never starts). Redis holds the message for the dead worker until its
+    visibility timeout (hours); the API sees the task PENDING with its message held, drops that copy and
+    sends the task again, and a second worker answers."""
+    import redis
+
+    from app import redis_broker
+    from app.deps import celery_client
+    from app.settings import Settings
+
+    key = "held-key"
+    redis_port = free_port()
+    (tmp_path / "redis").mkdir()
+    started.redis(redis_port, tmp_path / "redis")
+    env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
+               TARQ_TRANSCRIBE_WAIT_SECONDS="150", TARQ_TRANSCRIBE_LOST_AFTER_SECONDS="5")
+    port = free_port()
+    started.api(env, port)
+    worker = started.start(tarq_command("worker", "-c", "1"), env, "first-worker", kind="worker")
+    _wait_for(lambda: " ready." in (tmp_path / "first-worker.log").read_text(errors="replace"), 120,
+              "the worker starting")
+    pool = _wait_for(lambda: _children_of(worker.pid), 30, "the worker's pool process")
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)  # the main process still takes a message; nothing starts it
+    broker = redis.Redis(port=redis_port)
+    celery = celery_client(Settings(broker_url=env["TARQ_BROKER_URL"], data_dir=tmp_path / "probe"))
+    with _client(port, key) as client, concurrent.futures.ThreadPoolExecutor(1) as background:
+        clip = tone_wav(tmp_path / "tone.wav", 2.0)
+        transcription = background.submit(client.post, "/v1/audio/transcriptions", data={"model": "tiny-whisper"},
+                                          files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
+        _wait_for(lambda: broker.hlen("unacked"), 30, "the worker taking the message")
+        (held,) = broker.hvals("unacked")
+        task_id = redis_broker._task_id(held)
+        assert broker.llen("transcribe") == 0 and task_id
+        os.killpg(worker.pid, signal.SIGKILL)  # main and pool process; nothing gives the message back
+        started.start(tarq_command("worker", "-c", "1"), env, "second-worker", kind="worker")
+        answered = transcription.result()
+    assert answered.status_code == 200 and isinstance(answered.json()["text"], str), answered.text
+    text = (tmp_path / "api.log").read_text(errors="replace")
+    assert f"task {task_id} was taken by a worker that never started it (it died): sent again" in text, text
+    assert redis_broker.held_tags(celery, task_id) == [] and broker.llen("transcribe") == 0
+    second = (tmp_path / "second-worker.log").read_text(errors="replace")
+    assert task_id in second or "succeeded" in second, second
 
 
 @pytest.mark.slow
@@ -402,12 +481,8 @@ def test_worker_killed_running_a_transcription_is_replaced_and_it_answers(starte
                   "the worker starting")
         first = worker.pid
     else:
-        serve = started.start(tarq_command("serve", "--port", str(port), "--concurrency", "1"), env, "serve",
-                              kind="worker")
-        wait_http(f"http://127.0.0.1:{port}/healthz", serve)
-        log = tmp_path / "serve.log"
+        serve, log = started.serve(env, port)
         pids = lambda: {int(p) for p in re.findall(r"worker: pid (\d+)", log.read_text(errors="replace"))}  # noqa: E731
-        _wait_for(lambda: pids() and " ready." in log.read_text(errors="replace"), 120, "the embedded worker starting")
         first = pids().pop()
         running = lambda: _started_in_sqlite(tmp_path / "data" / "celery-results.sqlite")  # noqa: E731
 
