@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TARQ_", extra="ignore")
 
     data_dir: Path = Field(default_factory=default_data_dir)
-    broker_url: str = ""  # empty: filesystem:// under data_dir/broker
+    broker_url: str = ""  # empty: the filesystem transport under data_dir/broker
     result_backend: str = ""  # empty: redis broker -> same redis; otherwise db+sqlite under data_dir
     database_url: str = ""  # empty: sqlite:///data_dir/tarq.sqlite
     storage_url: str = ""  # empty: data_dir/storage; or s3://bucket/prefix
@@ -112,7 +112,8 @@ class Settings(BaseSettings):
 
     @property
     def broker(self) -> str:
-        return self.broker_url or "filesystem://"
+        # the host is named: without one kombu warns on every connection that it falls back to localhost
+        return self.broker_url or "filesystem://localhost//"
 
     @property
     def embedded_broker(self) -> bool:

@@ -20,6 +20,9 @@ from kombu import Queue
 from app.settings import QUEUES, Settings, get_settings
 
 log = logging.getLogger("tarq.worker")
+# A worker's log is read, not watched: transformers' "Loading weights" bar (read once, at its import) wrote
+# two WARNING lines per model load there.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
