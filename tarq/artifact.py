@@ -3,7 +3,10 @@
 Folder layout:
   model.safetensors      packed tensors for quantized Linears (weight_packed, weight_scale, weight_zero_point,
                          weight_shape, weight_g_idx only under act-order) and the other tensors in the model's
-                         own dtype (not cast: fp32 checkpoints stay fp32, which keeps save -> load exact)
+                         own dtype, except that a float32 tensor holding only float16 values is stored as
+                         float16 (OpenAI released Whisper in fp16: the fp32 checkpoints on the Hub are exact
+                         upcasts, and half their bytes are zeros). config.json's `tarq.dtype` names the
+                         model's dtype and load_artifact casts them back, so save -> load stays exact.
   config.json            the model config + `quantization_config` (written by compressed-tensors'
                          ModelCompressor from QuantizationConfig/Scheme/Args) + a `tarq` section (method,
                          settings, base model, metrics)
@@ -84,8 +87,27 @@ def _artifact_tensors(model: nn.Module, quantized: dict[str, QuantizedWeight]) -
         if ident in seen:
             continue
         seen[ident] = key
-        out[key] = t.detach().cpu().contiguous()
+        out[key] = _compact(t.detach().cpu().contiguous())
     return out
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """t as float16 when it is float32 and every value survives the round trip (NaN or a value beyond
+    float16's range does not), else t."""
+    if t.dtype == torch.float32:
+        half = t.half()
+        if torch.equal(half.float(), t):
+            return half
+    return t
+
+
+def _float_dtype(model: nn.Module) -> str:
+    """The dtype of the model's float tensors, as config.json spells dtypes ("float32")."""
+    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    return str(max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32).removeprefix("torch.")
+
+
+STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _jsonable(obj):
@@ -119,7 +141,7 @@ def save_artifact(model, quantized: dict[str, QuantizedWeight], processor, out_d
         ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
         cfg = read_json(tmp / CONFIG)
         cfg["tarq"] = {"version": __version__, "method": config.method, "base_model": base_model,
-                       "settings": config.to_dict(), "metrics": metrics,
+                       "settings": config.to_dict(), "metrics": metrics, "dtype": _float_dtype(model),
                        "act_order_g_idx": any(not trivial_g_idx(q.g_idx, q.group_size)
                                               for q in quantized.values())}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -223,6 +245,16 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu"):
                              f"the model expects {tuple(expected[key].shape)}")
         if expected[key].dtype in (torch.int32, torch.int64) and t.dtype != expected[key].dtype:
             raise ModelError(f"{path / WEIGHTS}: {key} is {t.dtype}, expected {expected[key].dtype}")
+    # tensors stored as float16 because nothing was lost (_compact) go back to the model's dtype; an
+    # artifact written before `tarq.dtype` existed holds every tensor in it already
+    dtype = (cfg.get("tarq") or {}).get("dtype")
+    if dtype is not None:
+        if dtype not in STORED_DTYPES:
+            raise ModelError(f"{path / CONFIG}: tarq.dtype is {dtype!r}, expected one of {', '.join(STORED_DTYPES)}")
+        packed = set(names)
+        for key, t in tensors.items():
+            if t.is_floating_point() and t.dtype != STORED_DTYPES[dtype] and key.rpartition(".")[0] not in packed:
+                tensors[key] = t.to(STORED_DTYPES[dtype])
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

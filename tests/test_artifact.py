@@ -253,6 +253,8 @@ BREAKS = {
                           f"{FC1}.weight_shape is"),
     "no processor": (lambda p: [(p / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
                      "processor files missing or broken"),
+    "unknown dtype": (lambda p: _edit_config(p, lambda c: c["tarq"].update(dtype="float8")),
+                      "tarq.dtype is 'float8', expected one of float32, float16, bfloat16"),
 }
 
 
@@ -275,9 +277,13 @@ def test_missing_folder_raises_model_error(tmp_path):
 # -- third-party loader ---------------------------------------------------------------------------------
 def test_transformers_from_pretrained_loads_symmetric_artifact(saved, monkeypatch):
     """transformers' compressed-tensors integration reads our files and gets the same weights."""
+    _, _, path = saved[True]
+    _hf_matches_ours(path, monkeypatch)
+
+
+def _hf_matches_ours(path: Path, monkeypatch):
     from transformers import WhisperForConditionalGeneration
 
-    _, _, path = saved[True]
     hf = WhisperForConditionalGeneration.from_pretrained(path).eval()
     ours, _ = load_artifact(path)
     # fp32 compute everywhere, to compare with HF's fp32 dequant
@@ -286,6 +292,7 @@ def test_transformers_from_pretrained_loads_symmetric_artifact(saved, monkeypatc
     feats = torch.randn(FEATS_SHAPE)
     a, b = logits(hf, feats), logits(ours, feats)
     assert ((a - b).norm() / b.norm()).item() < 1e-5
+    return hf
 
 
 @pytest.mark.xfail(raises=RuntimeError, strict=True,
@@ -297,3 +304,53 @@ def test_transformers_from_pretrained_asymmetric_artifact(saved):
 
     _, _, path = saved[False]
     WhisperForConditionalGeneration.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def fp16_valued(tiny_whisper_dir, tmp_path_factory):
+    """The tiny Whisper with every weight rounded to a float16 value but held in float32 (as OpenAI's
+    checkpoints are on the Hub), except one LayerNorm weight nudged off the float16 grid; and its artifact."""
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+        model.model.encoder.layer_norm.weight[0] += 1e-6
+    src = tmp_path_factory.mktemp("fp16-valued") / "tiny-whisper"
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "vocab.json",
+                 "merges.txt", "special_tokens_map.json", "added_tokens.json", "normalizer.json"):
+        if (tiny_whisper_dir / name).is_file():
+            shutil.copy(tiny_whisper_dir / name, src / name)
+    return make(src, tmp_path_factory.mktemp("fp16-art") / "art", sym=True)
+
+
+def test_float16_valued_tensors_are_stored_as_float16_and_load_back_exactly(fp16_valued, saved):
+    from safetensors import safe_open
+
+    model, quantized, path = fp16_valued
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.encoder.layer_norm.weight"] == "F32"  # off the float16 grid: kept
+    assert dtypes["model.decoder.embed_tokens.weight"] == "F16"
+    packed = {k.rpartition(".")[0] for k in dtypes if k.endswith(".weight_packed")}
+    rest = {k: d for k, d in dtypes.items() if k.rpartition(".")[0] not in packed}
+    assert sorted(k for k, d in rest.items() if d == "F32") == ["model.encoder.layer_norm.weight"]
+    assert json.loads((path / "config.json").read_text())["tarq"]["dtype"] == "float32"
+    assert (path / "model.safetensors").stat().st_size < 0.7 * (saved[True][2] / "model.safetensors").stat().st_size
+
+    loaded, _ = load_artifact(path)
+    want = model.state_dict()
+    for key, t in loaded.state_dict().items():
+        if key.rpartition(".")[0] not in quantized:
+            assert t.dtype == torch.float32 and torch.equal(t, want[key]), key
+    feats = torch.randn(FEATS_SHAPE)
+    assert torch.equal(logits(loaded, feats), logits(replace_linears(copy.deepcopy(model), quantized), feats))
+
+
+def test_transformers_from_pretrained_loads_a_float16_stored_artifact(fp16_valued, monkeypatch):
+    _, _, path = fp16_valued
+    hf = _hf_matches_ours(path, monkeypatch)
+    assert hf.model.decoder.embed_tokens.weight.dtype == torch.float32
