@@ -36,7 +36,8 @@ def held_tags(celery, task_id: str) -> list[str]:
     """The delivery tags under which workers took `task_id`'s messages and have not acknowledged them."""
     with _channel(celery) as channel:
         client = channel.client
-        tags = [t.decode() if isinstance(t, bytes) else str(t) for t in client.zrange(channel.unacked_index_key, 0, -1)]
+        tags = [t.decode() if isinstance(t, bytes) else str(t)
+                for t in client.zrange(channel.unacked_index_key, 0, -1)]
         if not tags:
             return []
         pipe = client.pipeline(transaction=False)

@@ -11,9 +11,9 @@ Two ways a worker's death leaves a transcription nobody runs:
 - started, then the process running it died together with the worker's main process (the OOM killer, a
   kill of the worker's process group, a lost machine). Celery's main process requeues the task of a pool
   process that died, but nothing does when both go, on any broker: Redis only after the visibility
-  timeout. The worker's transcription task rewrites its STARTED
-  state every TARQ_HEARTBEAT_SECONDS with a counter (worker.tasks.beating); a counter that stops moving,
-  or Celery's own STARTED that no first beat follows, means the task is lost, on whichever machine it ran.
+  timeout. The worker's transcription task rewrites its STARTED state every TARQ_HEARTBEAT_SECONDS with
+  a counter (worker.tasks.beating); a counter that stops moving, or Celery's own STARTED that no first
+  beat follows, means the task is lost, on whichever machine it ran. Redis's held copy is dropped here too.
 Either for TARQ_TRANSCRIBE_LOST_AFTER_SECONDS, and the task is sent again under the same id. Should both
 copies run after all, the result is written twice, alike (and the late one finds its audio deleted).
 """

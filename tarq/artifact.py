@@ -104,7 +104,8 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 def _float_dtype(model: nn.Module) -> str:
     """The dtype of the model's float tensors, as config.json spells dtypes ("float32")."""
     dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
-    return str(max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32).removeprefix("torch.")
+    widest = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
+    return str(widest).removeprefix("torch.")
 
 
 STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -250,11 +251,12 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu"):
     dtype = (cfg.get("tarq") or {}).get("dtype")
     if dtype is not None:
         if dtype not in STORED_DTYPES:
-            raise ModelError(f"{path / CONFIG}: tarq.dtype is {dtype!r}, expected one of {', '.join(STORED_DTYPES)}")
-        packed = set(names)
+            raise ModelError(f"{path / CONFIG}: tarq.dtype is {dtype!r}, expected one of "
+                             f"{', '.join(STORED_DTYPES)}")
+        want, packed = STORED_DTYPES[dtype], set(names)
         for key, t in tensors.items():
-            if t.is_floating_point() and t.dtype != STORED_DTYPES[dtype] and key.rpartition(".")[0] not in packed:
-                tensors[key] = t.to(STORED_DTYPES[dtype])
+            if t.is_floating_point() and t.dtype != want and key.rpartition(".")[0] not in packed:
+                tensors[key] = t.to(want)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
