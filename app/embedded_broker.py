@@ -2,8 +2,8 @@
 message whose worker died, a quantization's (resend_lost_jobs here) or a transcription's (app.task_wait,
 which reads the queue folder through waiting_task_ids).
 
-Redis redelivers a late-acked message when its worker is lost. The filesystem transport moves a message
-out of the queue folder when a worker takes it, so a worker killed after taking a quantization but
+Redis keeps a late-acked message aside while a worker holds it (app.redis_broker covers its worker's
+death). The filesystem transport moves a message out of the queue folder when a worker takes it, so a worker killed after taking a quantization but
 before starting it (a running one has a heartbeat, which the API's reaper watches) leaves the job
 `queued` with no message anywhere. A worker that starts on this broker therefore sends again every
 queued job whose message is not in the folder. A job can be sent twice that way (a message another live
@@ -12,12 +12,11 @@ delivery claims the job and the second finds nothing to do (jobs.claim).
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from pathlib import Path
 
-from app import jobs
+from app import broker_messages, jobs
 from app.settings import Settings
 
 log = logging.getLogger("tarq.worker")  # resend_lost_jobs runs in a starting worker
@@ -28,11 +27,7 @@ def _messages(queue_folder: Path, queue: str):
     written, or not ours) is skipped: at worst its job or task is sent again."""
     for path in queue_folder.glob(f"*.{queue}.msg"):
         try:
-            payload = json.loads(path.read_bytes())
-            body = payload["body"]
-            if payload.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            yield payload["headers"], json.loads(body)[0]
+            yield broker_messages.parts(json.loads(path.read_bytes()))
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             continue
 

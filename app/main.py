@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import jobs
+from app import jobs, redis_broker
 from app.auth import check_key
 from app.ratelimit import RateLimiter, retry_after
 from app.schemas import ApiError, error_body
@@ -48,20 +48,38 @@ def _limiter_for(app: FastAPI, settings: Settings) -> RateLimiter:
 
 
 def reap_once(settings: Settings) -> list[tuple[str, str]]:
-    """Hand lost running jobs back to the queue (or fail them); see jobs.reap_stale."""
+    """Hand lost running jobs back to the queue (or fail them), see jobs.reap_stale; on Redis also send
+    again the queued jobs whose message a worker took and never started, see app.redis_broker. Returns
+    [(job_id, new status)] of both."""
     from app.db import get_engine
     from app.deps import celery_client
     from app.routes.quantizations import send_quantize
 
     engine = get_engine(settings.database)
+    celery = celery_client(settings)
+    on_redis = settings.broker.startswith(("redis://", "rediss://"))
     done = jobs.reap_stale(engine, settings.stale_after_seconds, settings.max_attempts)
     for job_id, status in done:
         log.warning("job %s lost its worker; now %s", job_id, status)
-        if status == jobs.QUEUED:
-            try:
-                send_quantize(celery_client(settings), job_id)
-            except Exception as err:
-                log.error("could not requeue job %s: %s", job_id, err)
+    lost = [job_id for job_id, status in done if status == jobs.QUEUED]
+    if on_redis:
+        try:
+            if done:  # the dead worker's copies: Redis would give them back after the visibility timeout
+                redis_broker.drop_held_jobs(celery, {job_id for job_id, _ in done})
+            taken = redis_broker.lost_quantizations(celery, set(jobs.queued_ids(engine)) - set(lost),
+                                                    settings.stale_after_seconds)
+        except Exception as err:  # noqa: BLE001 -- the reaped jobs above are still sent
+            log.error("could not read the messages workers hold: %s", err)
+            taken = []
+        for job_id in taken:
+            log.warning("job %s was taken by a worker that never started it (it died): sent again", job_id)
+        done += [(job_id, jobs.QUEUED) for job_id in taken]
+        lost += taken
+    for job_id in lost:
+        try:
+            send_quantize(celery, job_id)
+        except Exception as err:
+            log.error("could not requeue job %s: %s", job_id, err)
     return done
 
 

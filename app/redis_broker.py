@@ -1,21 +1,39 @@
-"""What the Redis transport keeps of a message a worker took, for app.task_wait.
+"""What the Redis transport keeps of a message a worker took, and what the API does with it.
 
 kombu moves a late-acked message out of its queue's list when a worker takes it and into the `unacked`
-hash (by delivery tag; `unacked_index` orders the tags by time), where it stays until the worker
+hash (by delivery tag; `unacked_index` holds the time it was taken), where it stays until the worker
 acknowledges it. Redis gives it back to the queue only once the visibility timeout has passed, which is
-sized for quantizations (hours). A transcription whose message is held there while its task never
-started was taken by a worker that died first; the API sends it again and drops the held copy, so that
-Redis does not run it a second time hours later.
+sized for quantizations (hours). A live worker starts what it takes at once (prefetch 1, late acks), so
+a message held while its task never started was taken by a worker that died first:
+- a transcription still PENDING (app.task_wait);
+- a quantization whose job is still `queued` a while after the message was taken (lost_quantizations,
+  run by the API's reaper).
+The API then drops the held copy, as kombu's own reject does, and sends the task again, so that Redis does
+not run it a second time hours later. A job the reaper hands back after its worker died mid-run has its
+held copy dropped the same way.
 
 Only kombu's key names (the channel's `unacked_key` and `unacked_index_key`, transport options) and its
 entry format, JSON [message, exchange, routing key], are relied on. The hash holds one entry per message
-that workers hold (running tasks), so reading it on each look is cheap.
+that workers hold (running tasks), so reading it is cheap.
 """
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+from app import broker_messages
+
+
+@dataclass
+class Held:
+    tag: str  # kombu's delivery tag
+    taken_at: float  # when a worker took it (time.time())
+    task: str | None  # the Celery task name; None for an entry that is not a Celery message
+    task_id: str | None
+    args: list
 
 
 @contextmanager
@@ -24,36 +42,65 @@ def _channel(celery) -> Iterator:
         yield conn.default_channel
 
 
-def _task_id(entry: bytes | str | None) -> str | None:
+def _parse(tag: str, taken_at: float, entry: bytes | str | None) -> Held:
     try:
-        message = json.loads(entry)[0]
-        return str(message["headers"]["id"])
+        headers, args = broker_messages.parts(json.loads(entry)[0])
+        return Held(tag, taken_at, str(headers.get("task")), str(headers.get("id")), list(args))
     except (TypeError, ValueError, KeyError, IndexError):  # not a Celery message of protocol 2
-        return None
+        return Held(tag, taken_at, None, None, [])
+
+
+def held(celery) -> list[Held]:
+    """Every message that workers took and have not acknowledged."""
+    with _channel(celery) as channel:
+        client = channel.client
+        index = [(t.decode() if isinstance(t, bytes) else str(t), float(score))
+                 for t, score in client.zrange(channel.unacked_index_key, 0, -1, withscores=True)]
+        if not index:
+            return []
+        pipe = client.pipeline(transaction=False)
+        for tag, _ in index:
+            pipe.hget(channel.unacked_key, tag)
+        return [_parse(tag, taken_at, entry) for (tag, taken_at), entry in zip(index, pipe.execute())
+                if entry is not None]  # acknowledged between the two reads
 
 
 def held_tags(celery, task_id: str) -> list[str]:
     """The delivery tags under which workers took `task_id`'s messages and have not acknowledged them."""
-    with _channel(celery) as channel:
-        client = channel.client
-        tags = [t.decode() if isinstance(t, bytes) else str(t)
-                for t in client.zrange(channel.unacked_index_key, 0, -1)]
-        if not tags:
-            return []
-        pipe = client.pipeline(transaction=False)
-        for tag in tags:
-            pipe.hget(channel.unacked_key, tag)
-        return [tag for tag, entry in zip(tags, pipe.execute()) if _task_id(entry) == task_id]
+    return [h.tag for h in held(celery) if h.task_id == task_id]
 
 
-def drop_held(celery, task_id: str) -> list[str]:
-    """Remove `task_id`'s held messages, as kombu's own reject without requeue does; returns their tags.
-    A worker that still holds one and acknowledges it later finds nothing to remove, which is harmless."""
-    tags = held_tags(celery, task_id)
+def drop(celery, tags: list[str]) -> None:
+    """Remove held messages, as kombu's reject without requeue does. A worker that still holds one and
+    acknowledges it later finds nothing to remove, which is harmless."""
     if tags:
         with _channel(celery) as channel:
             pipe = channel.client.pipeline()
             for tag in tags:
                 pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
             pipe.execute()
+
+
+def drop_held(celery, task_id: str) -> list[str]:
+    """Remove `task_id`'s held messages; returns their tags."""
+    tags = held_tags(celery, task_id)
+    drop(celery, tags)
     return tags
+
+
+def drop_held_jobs(celery, job_ids: set[str]) -> list[str]:
+    """Remove the held quantization messages of these jobs; returns their tags."""
+    tags = [h.tag for h in held(celery) if h.task == "tarq.quantize" and h.args and str(h.args[0]) in job_ids]
+    drop(celery, tags)
+    return tags
+
+
+def lost_quantizations(celery, queued: set[str], older_than: float) -> list[str]:
+    """Jobs among `queued` (still queued in the database) whose quantization message a worker took more
+    than `older_than` seconds ago without claiming the job. Their held messages are dropped; the caller
+    sends them again."""
+    stale = time.time() - older_than
+    lost = [h for h in held(celery)
+            if h.task == "tarq.quantize" and h.args and str(h.args[0]) in queued and h.taken_at < stale]
+    drop(celery, [h.tag for h in lost])
+    return sorted({str(h.args[0]) for h in lost})

@@ -188,6 +188,28 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
             proc.wait()
 
 
+# A consumer that takes one message as a Celery worker's does (kombu's basic_get without ack: out of the
+# queue, and on Redis into the hash of unacknowledged messages) and dies before doing anything with it.
+_TAKE_AND_DIE = """
+import os, signal, sys
+from kombu import Connection
+conn = Connection(sys.argv[1], transport_options=dict(TRANSPORT_OPTIONS))
+message = conn.default_channel.basic_get(sys.argv[2], no_ack=False)
+assert message is not None, "no message to take"
+print(message.headers["id"], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def take_and_die(settings, celery, queue: str) -> str:
+    """Take the next message of `queue` in a process that is then killed; returns its task id."""
+    code = _TAKE_AND_DIE.replace("TRANSPORT_OPTIONS", repr(celery.conf.broker_transport_options or {}))
+    done = subprocess.run([sys.executable, "-c", code, settings.broker, queue], capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert done.returncode == -9, done.stderr
+    return done.stdout.strip()
+
+
 @pytest.fixture
 def subprocess_env(tmp_path, model_root):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TARQ_")}

@@ -404,12 +404,13 @@ def test_a_transcription_running_longer_than_the_lost_window_is_not_sent_again(s
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_redis_worker_killed_holding_a_transcription_another_answers_it(started, tmp_path, subprocess_env,
-                                                                       tone_wav):
-    """A worker on Redis SIGKILLed after taking a transcription's message, before starting it (its pool
-    process stopped, so the task never starts). Redis holds the message for the dead worker until its
-    visibility timeout (hours); the API sees the task PENDING with its message held, drops that copy and
-    sends the task again, and a second worker answers."""
+def test_redis_worker_killed_holding_a_job_and_a_transcription_another_runs_both(started, tmp_path,
+                                                                                 subprocess_env, tone_wav):
+    """A worker on Redis SIGKILLed after taking a quantization's and a transcription's messages, before
+    starting either (its pool processes stopped). Redis holds both for the dead worker until its visibility
+    timeout (hours). The API's reaper sees the job still queued with its message held past
+    TARQ_STALE_AFTER_SECONDS, the API's wait sees the transcription PENDING with its message held; each
+    drops the held copy and sends the task again, and a second worker runs both."""
     import redis
 
     from app import redis_broker
@@ -421,34 +422,44 @@ def test_redis_worker_killed_holding_a_transcription_another_answers_it(started,
     (tmp_path / "redis").mkdir()
     started.redis(redis_port, tmp_path / "redis")
     env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
-               TARQ_TRANSCRIBE_WAIT_SECONDS="150", TARQ_TRANSCRIBE_LOST_AFTER_SECONDS="5")
+               TARQ_TRANSCRIBE_WAIT_SECONDS="150", TARQ_TRANSCRIBE_LOST_AFTER_SECONDS="5",
+               TARQ_STALE_AFTER_SECONDS="5", TARQ_HEARTBEAT_SECONDS="1")
     port = free_port()
     started.api(env, port)
-    worker = started.start(tarq_command("worker", "-c", "1"), env, "first-worker", kind="worker")
+    worker = started.start(tarq_command("worker", "-c", "2"), env, "first-worker", kind="worker")
     _wait_for(lambda: " ready." in (tmp_path / "first-worker.log").read_text(errors="replace"), 120,
               "the worker starting")
-    pool = _wait_for(lambda: _children_of(worker.pid), 30, "the worker's pool process")
+    pool = _wait_for(lambda: len(_children_of(worker.pid)) == 2 and _children_of(worker.pid), 30,
+                     "the worker's pool processes")
     for pid in pool:
-        os.kill(pid, signal.SIGSTOP)  # the main process still takes a message; nothing starts it
+        os.kill(pid, signal.SIGSTOP)  # the main process still takes messages; nothing starts them
     broker = redis.Redis(port=redis_port)
     celery = celery_client(Settings(broker_url=env["TARQ_BROKER_URL"], data_dir=tmp_path / "probe"))
     with _client(port, key) as client, concurrent.futures.ThreadPoolExecutor(1) as background:
+        answer = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"})
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
         clip = tone_wav(tmp_path / "tone.wav", 2.0)
         transcription = background.submit(client.post, "/v1/audio/transcriptions", data={"model": "tiny-whisper"},
                                           files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
-        _wait_for(lambda: broker.hlen("unacked"), 30, "the worker taking the message")
-        (held,) = broker.hvals("unacked")
-        task_id = redis_broker._task_id(held)
-        assert broker.llen("transcribe") == 0 and task_id
-        os.killpg(worker.pid, signal.SIGKILL)  # main and pool process; nothing gives the message back
+        _wait_for(lambda: broker.hlen("unacked") == 2, 30, "the worker taking both messages")
+        held = {h.task: h for h in redis_broker.held(celery)}
+        assert held["tarq.quantize"].args == [job_id] and broker.llen("quantize") == broker.llen("transcribe") == 0
+        task_id = held["tarq.transcribe"].task_id
+        os.killpg(worker.pid, signal.SIGKILL)  # main and pool processes; nothing gives the messages back
         started.start(tarq_command("worker", "-c", "1"), env, "second-worker", kind="worker")
         answered = transcription.result()
+        done = lambda: client.get(f"/v1/quantizations/{job_id}").json()["status"] not in ("queued", "running")  # noqa: E731
+        _wait_for(done, 120, "the job finishing", every=1)
+        final = client.get(f"/v1/quantizations/{job_id}").json()
     assert answered.status_code == 200 and isinstance(answered.json()["text"], str), answered.text
+    assert final["status"] == "succeeded" and final["attempts"] == 1, final
     text = (tmp_path / "api.log").read_text(errors="replace")
     assert f"task {task_id} was taken by a worker that never started it (it died): sent again" in text, text
-    assert redis_broker.held_tags(celery, task_id) == [] and broker.llen("transcribe") == 0
+    assert f"job {job_id} was taken by a worker that never started it (it died): sent again" in text, text
+    assert redis_broker.held(celery) == [] and broker.llen("quantize") == broker.llen("transcribe") == 0
     second = (tmp_path / "second-worker.log").read_text(errors="replace")
-    assert task_id in second or "succeeded" in second, second
+    assert f"Task tarq.transcribe[{task_id}] received" in second and f"job {job_id} succeeded" in second, second
 
 
 @pytest.mark.slow

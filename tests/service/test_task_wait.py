@@ -3,12 +3,10 @@ Redis): the API's wait for a transcription sends it again when the worker that t
 starting it, or when the process running it stopped beating, and drops the copy Redis holds for the dead
 worker; it leaves alone a task waiting in its queue or one whose beat goes on. worker.tasks.beating, the
 worker's side, against the same backend. The taking worker is a process that takes the message through
-kombu as a Celery worker does and is SIGKILLed holding it."""
+kombu as a Celery worker does and is SIGKILLed holding it (conftest.take_and_die)."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import threading
 from contextlib import contextmanager
 
@@ -18,6 +16,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from app import redis_broker
 from app.deps import celery_client
 from app.embedded_broker import queue_folder, waiting_task_ids
+from tests.service.conftest import take_and_die
 from app.task_wait import wait
 
 REDIS_DB = 14
@@ -46,28 +45,10 @@ def _send(settings):
     return celery, send, send()
 
 
-# A consumer that takes one message as a Celery worker's does (kombu's basic_get without ack: out of the
-# queue, and on Redis into the hash of unacknowledged messages) and dies before doing anything with it.
-_TAKE_AND_DIE = """
-import os, signal, sys
-from kombu import Connection
-conn = Connection(sys.argv[1], transport_options=dict(TRANSPORT_OPTIONS))
-message = conn.default_channel.basic_get("transcribe", no_ack=False)
-assert message is not None, "no message to take"
-print(message.headers["id"], flush=True)
-os.kill(os.getpid(), signal.SIGKILL)
-"""
-
-
 def _take(settings, celery) -> str:
     """Take the one message waiting in the transcribe queue in a process that is then killed; returns its
     task id."""
-    options = celery.conf.broker_transport_options or {}
-    code = _TAKE_AND_DIE.replace("TRANSPORT_OPTIONS", repr(options))
-    done = subprocess.run([sys.executable, "-c", code, settings.broker], capture_output=True, text=True, check=False,
-                          timeout=60)
-    assert done.returncode == -9, done.stderr
-    task_id = done.stdout.strip()
+    task_id = take_and_die(settings, celery, "transcribe")
     if settings.embedded_broker:  # the filesystem transport kept no copy
         assert waiting_task_ids(queue_folder(settings), "transcribe") == set()
     else:  # Redis holds it aside until its visibility timeout
