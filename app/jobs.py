@@ -137,6 +137,13 @@ def queued_ids(engine: Engine) -> list[str]:
         return list(conn.scalars(select(jobs.c.id).where(jobs.c.status == QUEUED).order_by(jobs.c.created_at)))
 
 
+def queued_since(engine: Engine) -> dict[str, datetime]:
+    """Each queued job and when it became queued (submitted, or handed back by the reaper)."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(jobs.c.id, jobs.c.updated_at).where(jobs.c.status == QUEUED)).all()
+    return {job_id: _aware(stamp) for job_id, stamp in rows}
+
+
 def count_by_status(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
         rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))

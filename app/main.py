@@ -49,8 +49,9 @@ def _limiter_for(app: FastAPI, settings: Settings) -> RateLimiter:
 
 def reap_once(settings: Settings) -> list[tuple[str, str]]:
     """Hand lost running jobs back to the queue (or fail them), see jobs.reap_stale; on Redis also send
-    again the queued jobs whose message a worker took and never started, see app.redis_broker. Returns
-    [(job_id, new status)] of both."""
+    again the queued jobs whose message a worker took and never started, or that have none, see
+    app.redis_broker.lost_quantizations. Returns [(job_id, new status)] of both. Several API processes may
+    reap at once: a job sent twice is claimed once (jobs.claim)."""
     from app.db import get_engine
     from app.deps import celery_client
     from app.routes.quantizations import send_quantize
@@ -66,15 +67,15 @@ def reap_once(settings: Settings) -> list[tuple[str, str]]:
         try:
             if done:  # the dead worker's copies: Redis would give them back after the visibility timeout
                 redis_broker.drop_held_jobs(celery, {job_id for job_id, _ in done})
-            taken = redis_broker.lost_quantizations(celery, set(jobs.queued_ids(engine)) - set(lost),
-                                                    settings.stale_after_seconds)
+            queued = {k: v for k, v in jobs.queued_since(engine).items() if k not in lost}
+            taken = redis_broker.lost_quantizations(celery, queued, settings.stale_after_seconds)
         except Exception as err:  # noqa: BLE001 -- the reaped jobs above are still sent
             log.error("could not read the messages workers hold: %s", err)
-            taken = []
-        for job_id in taken:
-            log.warning("job %s was taken by a worker that never started it (it died): sent again", job_id)
-        done += [(job_id, jobs.QUEUED) for job_id in taken]
-        lost += taken
+            taken = {}
+        for job_id, why in sorted(taken.items()):
+            log.warning("job %s %s: sent again", job_id, why)
+            done.append((job_id, jobs.QUEUED))
+            lost.append(job_id)
     for job_id in lost:
         try:
             send_quantize(celery, job_id)

@@ -7,7 +7,7 @@ sized for quantizations (hours). A live worker starts what it takes at once (pre
 a message held while its task never started was taken by a worker that died first:
 - a transcription still PENDING (app.task_wait);
 - a quantization whose job is still `queued` a while after the message was taken (lost_quantizations,
-  run by the API's reaper).
+  run by the API's reaper, which also sends again a job queued that long with no message anywhere).
 The API then drops the held copy, as kombu's own reject does, and sends the task again, so that Redis does
 not run it a second time hours later. A job the reaper hands back after its worker died mid-run has its
 held copy dropped the same way.
@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
 from app import broker_messages
 
@@ -95,12 +96,34 @@ def drop_held_jobs(celery, job_ids: set[str]) -> list[str]:
     return tags
 
 
-def lost_quantizations(celery, queued: set[str], older_than: float) -> list[str]:
-    """Jobs among `queued` (still queued in the database) whose quantization message a worker took more
-    than `older_than` seconds ago without claiming the job. Their held messages are dropped; the caller
-    sends them again."""
+def waiting_job_ids(celery) -> set[str]:
+    """The jobs of the quantization messages waiting in the queue's list (tarq publishes without a
+    priority, so kombu keeps them all in the one list named after the queue)."""
+    with _channel(celery) as channel:
+        raw = channel.client.lrange("quantize", 0, -1)
+    ids = set()
+    for entry in raw:
+        try:
+            headers, args = broker_messages.parts(json.loads(entry))
+        except (TypeError, ValueError, KeyError, IndexError):
+            continue
+        if headers.get("task") == "tarq.quantize" and args:
+            ids.add(str(args[0]))
+    return ids
+
+
+def lost_quantizations(celery, queued: dict[str, datetime], older_than: float) -> dict[str, str]:
+    """Jobs among `queued` (job id -> when it became queued) that no worker will run, and why: a worker took
+    its message more than `older_than` seconds ago without claiming the job (the held copy is dropped), or
+    it has been queued that long with no message at all (a reaper whose send failed, an API that died
+    between its database write and the send). The caller sends them again."""
     stale = time.time() - older_than
-    lost = [h for h in held(celery)
-            if h.task == "tarq.quantize" and h.args and str(h.args[0]) in queued and h.taken_at < stale]
+    waiting = waiting_job_ids(celery)  # read before the held ones: a message moves from there to here
+    quantize = [h for h in held(celery) if h.task == "tarq.quantize" and h.args]
+    lost = [h for h in quantize if str(h.args[0]) in queued and h.taken_at < stale]
     drop(celery, [h.tag for h in lost])
-    return sorted({str(h.args[0]) for h in lost})
+    held_jobs = {str(h.args[0]) for h in quantize}
+    why = {job_id: "had no message" for job_id, since in queued.items()
+           if job_id not in waiting and job_id not in held_jobs and since.timestamp() < stale}
+    why.update({str(h.args[0]): "was taken by a worker that never started it (it died)" for h in lost})
+    return why

@@ -2,7 +2,8 @@
 before it claimed the job, is dropped and sent again once it has been held TARQ_STALE_AFTER_SECONDS (Redis
 itself would give it back only after its visibility timeout, hours); a job whose worker is alive is left
 alone; a job the reaper hands back after its worker died mid-run leaves no held copy behind, and is sent
-once. The taking worker is a process that takes the message through kombu and is SIGKILLed."""
+once; a job queued that long with no message anywhere is sent. The taking worker is a process that takes
+the message through kombu and is SIGKILLed."""
 from __future__ import annotations
 
 import json
@@ -72,6 +73,7 @@ def test_reaper_sends_again_a_job_taken_by_a_worker_that_died_before_claiming_it
     with caplog.at_level("WARNING", "tarq.api"):
         assert reap_once(settings) == [(lost, jobs.QUEUED)]
     assert f"job {lost} was taken by a worker that never started it (it died): sent again" in caplog.text
+    assert "had no message" not in caplog.text
     assert _held_jobs(celery) == [alive] and _waiting(settings) == [lost]
     assert jobs.get_job(engine, lost)["status"] == jobs.QUEUED and jobs.get_job(engine, lost)["attempts"] == 0
     assert reap_once(settings) == [] and _waiting(settings) == [lost]  # sent once
@@ -95,3 +97,19 @@ def test_a_message_waiting_in_the_queue_is_not_taken_for_lost(redis_settings):
     job_id = _job(settings, celery, engine, taken=False)
     threading.Event().wait(HELD_FOR + 0.5)
     assert reap_once(settings) == [] and _waiting(settings) == [job_id] and _held_jobs(celery) == []
+
+
+def test_reaper_sends_a_job_queued_with_no_message(redis_settings, caplog):
+    """The API died between the job's database write and its send, or the reaper's send failed."""
+    settings = redis_settings
+    celery, engine = celery_client(settings), get_engine(settings.database)
+    old, _ = jobs.create_job(engine, owner="o", source_model="m", config={}, files={})
+    new, _ = jobs.create_job(engine, owner="o", source_model="m", config={}, files={})  # being sent now
+    with engine.begin() as conn:
+        conn.execute(update(jobs.jobs).where(jobs.jobs.c.id == old["id"])
+                     .values(updated_at=jobs.now() - timedelta(seconds=HELD_FOR + 1)))
+    with caplog.at_level("WARNING", "tarq.api"):
+        assert reap_once(settings) == [(old["id"], jobs.QUEUED)]
+    assert f"job {old['id']} had no message: sent again" in caplog.text
+    assert _waiting(settings) == [old["id"]]
+    assert reap_once(settings) == []  # it waits in the queue now
