@@ -46,7 +46,8 @@ def _channel(celery) -> Iterator:
 def _parse(tag: str, taken_at: float, entry: bytes | str | None) -> Held:
     try:
         headers, args = broker_messages.parts(json.loads(entry)[0])
-        return Held(tag, taken_at, str(headers.get("task")), str(headers.get("id")), list(args))
+        task, task_id = headers.get("task"), headers.get("id")
+        return Held(tag, taken_at, task and str(task), task_id and str(task_id), list(args))
     except (TypeError, ValueError, KeyError, IndexError):  # not a Celery message of protocol 2
         return Held(tag, taken_at, None, None, [])
 
