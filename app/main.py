@@ -58,12 +58,11 @@ def reap_once(settings: Settings) -> list[tuple[str, str]]:
 
     engine = get_engine(settings.database)
     celery = celery_client(settings)
-    on_redis = settings.broker.startswith(("redis://", "rediss://"))
     done = jobs.reap_stale(engine, settings.stale_after_seconds, settings.max_attempts)
     for job_id, status in done:
         log.warning("job %s lost its worker; now %s", job_id, status)
     lost = [job_id for job_id, status in done if status == jobs.QUEUED]
-    if on_redis:
+    if settings.redis_broker:
         try:
             if done:  # the dead worker's copies: Redis would give them back after the visibility timeout
                 redis_broker.drop_held_jobs(celery, {job_id for job_id, _ in done})

@@ -120,10 +120,14 @@ class Settings(BaseSettings):
         return self.broker.startswith("filesystem:")
 
     @property
+    def redis_broker(self) -> bool:
+        return self.broker.startswith(("redis://", "rediss://"))
+
+    @property
     def backend(self) -> str:
         if self.result_backend:
             return self.result_backend
-        if self.broker.startswith(("redis://", "rediss://")):
+        if self.redis_broker:
             return self.broker
         return f"db+sqlite:///{self.data_dir / 'celery-results.sqlite'}"
 
@@ -198,7 +202,7 @@ class Settings(BaseSettings):
                 "polling_interval": 0.1,
             }
             config["database_engine_options"] = {"connect_args": {"timeout": 30}}
-        elif self.broker.startswith(("redis://", "rediss://")):
+        elif self.redis_broker:
             # A quantization can run for hours: the message must not be redelivered to a second worker
             # while the first still works on it (the job's heartbeat catches real loss sooner).
             config["broker_transport_options"] = {"visibility_timeout": self.quantize_time_limit + 600,

@@ -99,7 +99,7 @@ def wait(result, timeout: float, settings: Settings, resend, grace: float | None
 
     watch = LostWatch(result, settings.transcribe_lost_after_seconds if grace is None else grace,
                       queue_folder(settings) if settings.embedded_broker else None,
-                      redis=settings.broker.startswith(("redis://", "rediss://")))
+                      redis=settings.redis_broker)
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()

@@ -113,6 +113,15 @@ def _stop_group(proc) -> None:
         proc.wait()
 
 
+def _submit_job_and_transcription(client: httpx.Client, background, clip: Path):
+    """An RTN job on the tiny model, and a transcription of `clip` waiting in `background`: (job id, its future)."""
+    answer = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"})
+    assert answer.status_code == 202, answer.text
+    transcription = background.submit(client.post, "/v1/audio/transcriptions", data={"model": "tiny-whisper"},
+                                      files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
+    return answer.json()["id"], transcription
+
+
 def _client(port: int, key: str) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                         timeout=60)
@@ -351,12 +360,7 @@ def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(star
     pool = _wait_for(lambda: _children_of(first), 30, "the worker's pool process")
     os.kill(first, signal.SIGSTOP)  # it takes nothing from now on
     with _client(port, key) as client, concurrent.futures.ThreadPoolExecutor(1) as background:
-        answer = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"})
-        assert answer.status_code == 202, answer.text
-        job_id = answer.json()["id"]
-        clip = tone_wav(tmp_path / "tone.wav", 2.0)
-        transcription = background.submit(client.post, "/v1/audio/transcriptions", data={"model": "tiny-whisper"},
-                                          files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
+        job_id, transcription = _submit_job_and_transcription(client, background, tone_wav(tmp_path / "tone.wav", 2.0))
         queue = tmp_path / "data" / "broker" / "queue"
         for kind in ("quantize", "transcribe"):
             for message in _wait_for(lambda: list(queue.glob(f"*.{kind}.msg")), 10, f"the {kind} message"):
@@ -364,9 +368,7 @@ def test_embedded_worker_killed_holding_a_job_is_restarted_and_the_job_runs(star
         os.kill(first, signal.SIGKILL)
         _wait_for(lambda: len(pids()) == 2, 30, "serve starting another worker")
         assert f"worker: pid {first} exited with -9" in text()
-        done = lambda: client.get(f"/v1/quantizations/{job_id}").json()["status"] not in ("queued", "running")  # noqa: E731
-        _wait_for(done, 120, "the job finishing", every=1)
-        final = client.get(f"/v1/quantizations/{job_id}").json()
+        final, _ = follow(client, job_id, timeout=120)
         answered = transcription.result()
     assert final["status"] == "succeeded", final
     assert f"job {job_id} was queued with no message" in text()
@@ -436,12 +438,7 @@ def test_redis_worker_killed_holding_a_job_and_a_transcription_another_runs_both
     broker = redis.Redis(port=redis_port)
     celery = celery_client(Settings(broker_url=env["TARQ_BROKER_URL"], data_dir=tmp_path / "probe"))
     with _client(port, key) as client, concurrent.futures.ThreadPoolExecutor(1) as background:
-        answer = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"})
-        assert answer.status_code == 202, answer.text
-        job_id = answer.json()["id"]
-        clip = tone_wav(tmp_path / "tone.wav", 2.0)
-        transcription = background.submit(client.post, "/v1/audio/transcriptions", data={"model": "tiny-whisper"},
-                                          files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
+        job_id, transcription = _submit_job_and_transcription(client, background, tone_wav(tmp_path / "tone.wav", 2.0))
         _wait_for(lambda: broker.hlen("unacked") == 2, 30, "the worker taking both messages")
         held = {h.task: h for h in redis_broker.held(celery)}
         assert held["tarq.quantize"].args == [job_id] and broker.llen("quantize") == broker.llen("transcribe") == 0
@@ -449,9 +446,7 @@ def test_redis_worker_killed_holding_a_job_and_a_transcription_another_runs_both
         os.killpg(worker.pid, signal.SIGKILL)  # main and pool processes; nothing gives the messages back
         started.start(tarq_command("worker", "-c", "1"), env, "second-worker", kind="worker")
         answered = transcription.result()
-        done = lambda: client.get(f"/v1/quantizations/{job_id}").json()["status"] not in ("queued", "running")  # noqa: E731
-        _wait_for(done, 120, "the job finishing", every=1)
-        final = client.get(f"/v1/quantizations/{job_id}").json()
+        final, _ = follow(client, job_id, timeout=120)
     assert answered.status_code == 200 and isinstance(answered.json()["text"], str), answered.text
     assert final["status"] == "succeeded" and final["attempts"] == 1, final
     text = (tmp_path / "api.log").read_text(errors="replace")
