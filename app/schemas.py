@@ -106,6 +106,16 @@ class ModelList(BaseModel):
     data: list[ModelPublic]
 
 
+class ModelFile(BaseModel):
+    path: str
+    size_bytes: int
+
+
+class ModelFileList(BaseModel):
+    object: str = "list"
+    data: list[ModelFile]
+
+
 class Deleted(BaseModel):
     id: str
     object: str = "model"

@@ -57,11 +57,26 @@ class Storage:
         local.mkdir(parents=True, exist_ok=True)
         prefix = self.path(key)
         for path in self.fs.find(prefix):
-            rel = path[len(prefix.rstrip("/")) + 1:] if not self.local else os.path.relpath(path, prefix)
-            target = local / rel
+            target = local / self._relative(path, prefix)
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(path, str(target))
         return local
+
+    def files(self, key: str) -> dict[str, int]:
+        """The files of a stored folder: path relative to it (posix) -> size in bytes; {} if absent."""
+        prefix = self.path(key)
+        found = self.fs.find(prefix, detail=True)
+        return {self._relative(path, prefix): int(info["size"]) for path, info in sorted(found.items())
+                if info.get("type") == "file"}
+
+    def open(self, key: str):
+        """A binary file object for reading (seekable, on S3 too)."""
+        return self.fs.open(self.path(key), "rb")
+
+    def _relative(self, path: str, prefix: str) -> str:
+        if self.local:
+            return Path(os.path.relpath(path, prefix)).as_posix()
+        return path[len(prefix.rstrip("/")) + 1:]
 
     def local_dir(self, key: str) -> Path:
         """A local folder with the content of `key`: the folder itself when storage is local, else a

@@ -1,11 +1,15 @@
-"""/v1/models: quantized models made by this server (OpenAI's list shape plus their metadata)."""
+"""/v1/models: quantized models made by this server (OpenAI's list shape plus their metadata), and their
+files for download: each a Hugging Face folder that tarq, or transformers with compressed-tensors, loads."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from app import jobs
+from fastapi import APIRouter, Header
+from fastapi.responses import StreamingResponse
+
+from app import downloads, jobs
 from app.deps import EngineDep, KeyDep, StorageDep
-from app.schemas import ERROR_RESPONSES, Deleted, ModelList, ModelPublic
+from app.schemas import ERROR_RESPONSES, ApiError, Deleted, ModelFileList, ModelList, ModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -26,3 +30,43 @@ def delete_model(model_id: str, engine: EngineDep, storage: StorageDep, _: KeyDe
     storage.delete(f"artifacts/{model_id}")
     jobs.delete_model(engine, model_id)
     return {"id": model_id, "object": "model", "deleted": True}
+
+
+@router.get("/{model_id}/files", response_model=ModelFileList)
+def list_model_files(model_id: str, engine: EngineDep, storage: StorageDep, _: KeyDep):
+    jobs.get_model(engine, model_id)
+    files = storage.files(f"artifacts/{model_id}")
+    return {"object": "list", "data": [{"path": path, "size_bytes": size} for path, size in files.items()]}
+
+
+@router.get("/{model_id}/files/{path:path}", response_class=StreamingResponse, responses={
+    200: {"content": {"application/octet-stream": {}}, "description": "the file"},
+    206: {"content": {"application/octet-stream": {}}, "description": "the bytes a Range header asked for"},
+    416: {"description": "the range starts past the end of the file"}})
+def download_model_file(model_id: str, path: str, engine: EngineDep, storage: StorageDep, _: KeyDep,
+                        range_: Annotated[str | None, Header(alias="Range")] = None):
+    jobs.get_model(engine, model_id)
+    key = f"artifacts/{model_id}"
+    size = storage.files(key).get(path)
+    if size is None:  # only listed files are served: no path reaches storage unchecked
+        raise ApiError(404, f"model {model_id!r} has no file {path!r}", param="path", code="not_found")
+    wanted = downloads.byte_range(range_, size)
+    first, last = wanted or (0, size - 1)
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(last - first + 1),
+               "Content-Disposition": downloads.attachment(path.rsplit("/", 1)[-1])}
+    if wanted:
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    return StreamingResponse(downloads.read(storage, f"{key}/{path}", first, last - first + 1),
+                             status_code=206 if wanted else 200, media_type="application/octet-stream",
+                             headers=headers)
+
+
+@router.get("/{model_id}/archive", response_class=StreamingResponse, responses={
+    200: {"content": {"application/x-tar": {}}, "description": "the model's folder as one tar"}})
+def download_model_archive(model_id: str, engine: EngineDep, storage: StorageDep, _: KeyDep):
+    model = jobs.get_model(engine, model_id)
+    key = f"artifacts/{model_id}"
+    length, members = downloads.tar_layout(model_id, storage.files(key), int(model["created_at"].timestamp()))
+    return StreamingResponse(downloads.tar_stream(storage, key, members), media_type="application/x-tar",
+                             headers={"Content-Length": str(length),
+                                      "Content-Disposition": downloads.attachment(f"{model_id}.tar")})

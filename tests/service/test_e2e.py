@@ -70,6 +70,7 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
     if evaluate:
         metrics = listed[made[0][1]]["metrics"]
         assert set(metrics) == {"fp", "quantized"} and metrics["quantized"]["utterances"] == 1, metrics
+    check_download(client, made[-1][1], listed[made[-1][1]]["size_bytes"])
 
     oai = openai.OpenAI(base_url=f"{base}/v1", api_key=key, timeout=900, max_retries=0)
     assert made[0][1] in [m.id for m in oai.models.list().data]
@@ -92,6 +93,30 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
         assert oai.models.delete(model_id).deleted is True
         assert client.get(f"/v1/models/{model_id}").status_code == 404
     assert client.get("/v1/models").json()["data"] == []
+
+
+def check_download(client: httpx.Client, model_id: str, size_bytes: int) -> None:
+    """The model's folder comes back as a tar that tarq loads, and model.safetensors in byte ranges."""
+    import io
+    import tarfile
+    import tempfile
+
+    from tarq.artifact import load_artifact
+    from tarq.qlinear import QuantLinear
+
+    files = {f["path"]: f["size_bytes"] for f in client.get(f"/v1/models/{model_id}/files").json()["data"]}
+    assert sum(files.values()) == size_bytes and "model.safetensors" in files
+    archive = client.get(f"/v1/models/{model_id}/archive")
+    assert archive.status_code == 200
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        tar.extractall(tmp, filter="data")
+        folder = f"{tmp}/{model_id}"
+        model, _ = load_artifact(folder)
+        assert any(isinstance(m, QuantLinear) for m in model.modules())
+        weights = open(f"{folder}/model.safetensors", "rb").read()
+    half = len(weights) // 2
+    tail = client.get(f"/v1/models/{model_id}/files/model.safetensors", headers={"Range": f"bytes={half}-"})
+    assert tail.status_code == 206 and tail.content == weights[half:]
 
 
 def check_kernels_reported(client: httpx.Client, model_id: str, clip) -> None:
