@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from app.db import jobs, models
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+UPLOADED = "none"  # the `method` of a model uploaded as it is (POST /v1/models): a base model to quantize
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 # running -> queued is the reaper handing a lost job to the next worker.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -47,9 +48,17 @@ def new_id() -> str:
 
 
 def new_model_id(base_model: str, method: str, bits: int, group_size: int) -> str:
-    stem = base_model.rstrip("/").replace("\\", "/").split("/")[-1] or "model"
-    stem = "".join(c if c.isalnum() or c in "-." else "-" for c in stem)[:40].strip("-.") or "model"
-    return f"{stem}-{method}-w{bits}g{group_size}-{secrets.token_hex(8)}"
+    return f"{model_stem(base_model)}-{method}-w{bits}g{group_size}-{secrets.token_hex(8)}"
+
+
+def new_upload_id(name: str) -> str:
+    return f"{model_stem(name)}-{secrets.token_hex(8)}"
+
+
+def model_stem(name: str) -> str:
+    """The last part of a Hub id or path, in characters safe for an id."""
+    stem = name.rstrip("/").replace("\\", "/").split("/")[-1] or "model"
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in stem)[:40].strip("-.") or "model"
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -135,6 +144,14 @@ def list_jobs(engine: Engine, *, limit: int = 20, after: str | None = None, stat
 def queued_ids(engine: Engine) -> list[str]:
     with engine.connect() as conn:
         return list(conn.scalars(select(jobs.c.id).where(jobs.c.status == QUEUED).order_by(jobs.c.created_at)))
+
+
+def active_jobs_from(engine: Engine, source_model: str) -> list[str]:
+    """Ids of the queued or running jobs that quantize `source_model`."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(jobs.c.id).where(jobs.c.source_model == source_model,
+                                                    jobs.c.status.in_((QUEUED, RUNNING))).order_by(jobs.c.id))
+        return [r.id for r in rows]
 
 
 def queued_since(engine: Engine) -> dict[str, datetime]:

@@ -27,6 +27,15 @@ OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/
 MULTIPART_SLACK = 1 << 20  # form fields and part headers on top of the files themselves
 
 
+def body_limit(path: str, settings) -> tuple[int, str]:
+    """The most a request body to `path` may hold, and the setting that says so."""
+    if path.startswith("/v1/audio"):
+        return settings.max_file_bytes, "TARQ_MAX_FILE_BYTES"
+    if path.rstrip("/") == "/v1/models":
+        return settings.max_model_bytes, "TARQ_MAX_MODEL_BYTES"
+    return settings.max_total_bytes, "TARQ_MAX_TOTAL_BYTES"
+
+
 def error_response(status: int, message: str, **kw) -> JSONResponse:
     headers = kw.pop("headers", None)
     return JSONResponse(error_body(status, message, **kw), status_code=status, headers=headers)
@@ -131,7 +140,7 @@ def create_app() -> FastAPI:
                 key_hash = check_key(request.headers.get("authorization"), settings)
             except ApiError as err:
                 return error_response(err.status, err.message, type=err.type, code=err.code, headers=err.headers)
-            if request.method == "POST" and path.rstrip("/") == "/v1/quantizations":
+            if request.method == "POST" and path.rstrip("/") in ("/v1/quantizations", "/v1/models"):
                 wait = _limiter_for(app, settings).take(key_hash) if settings.rate_limit_per_minute > 0 else 0.0
                 if wait > 0:
                     return error_response(
@@ -140,11 +149,10 @@ def create_app() -> FastAPI:
                         code="rate_limit_exceeded", headers={"Retry-After": retry_after(wait)})
             length = request.headers.get("content-length")
             if length and length.isdigit() and request.method in ("POST", "PUT", "PATCH"):
-                limit = settings.max_file_bytes if path.startswith("/v1/audio") else settings.max_total_bytes
+                limit, name = body_limit(path, settings)
                 if int(length) > limit + MULTIPART_SLACK:
                     return error_response(413, f"request body of {length} bytes is over the limit of {limit} "
-                                               "bytes (TARQ_MAX_TOTAL_BYTES / TARQ_MAX_FILE_BYTES)",
-                                          code="upload_too_large")
+                                               f"bytes ({name})", code="upload_too_large")
         response = await call_next(request)
         route = request.scope.get("route")
         REQUESTS.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).inc()

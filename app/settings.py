@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     max_total_bytes: int = 1024 * 1024 * 1024
     max_audio_seconds: float = 600.0
     max_archive_ratio: float = 200.0  # uncompressed/compressed, per member: zip bombs go far beyond this
+    # one uploaded model folder (POST /v1/models), per file and in all: whisper-large-v3 is 3.1 GB in fp16
+    max_model_bytes: int = 8 * 1024 * 1024 * 1024
 
     # submissions (POST /v1/quantizations) per API key and minute, token bucket; 0 turns the limit off
     rate_limit_per_minute: float = 30.0

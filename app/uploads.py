@@ -31,11 +31,26 @@ def audio_extensions() -> frozenset[str]:
 
 @dataclass
 class Budget:
-    """Counts files and bytes across one request; 413 as soon as a limit is passed."""
+    """Counts files and bytes across one request; 413 as soon as a limit is passed. Audio uploads have
+    a per-file and a total limit; a model upload one limit for both (`for_model`)."""
 
     settings: Settings
     files: int = 0
     total: int = 0
+    max_file_bytes: int | None = None
+    max_total_bytes: int | None = None
+    file_limit_name: str = "TARQ_MAX_FILE_BYTES"
+    total_limit_name: str = "TARQ_MAX_TOTAL_BYTES"
+
+    def __post_init__(self):
+        self.max_file_bytes = self.max_file_bytes or self.settings.max_file_bytes
+        self.max_total_bytes = self.max_total_bytes or self.settings.max_total_bytes
+
+    @classmethod
+    def for_model(cls, settings: Settings) -> "Budget":
+        limit = settings.max_model_bytes
+        return cls(settings, max_file_bytes=limit, max_total_bytes=limit, file_limit_name="TARQ_MAX_MODEL_BYTES",
+                   total_limit_name="TARQ_MAX_MODEL_BYTES")
 
     def add_file(self, name: str) -> None:
         self.files += 1
@@ -45,12 +60,12 @@ class Budget:
 
     def add_bytes(self, name: str, file_bytes: int, n: int) -> None:
         self.total += n
-        if file_bytes > self.settings.max_file_bytes:
-            raise ApiError(413, f"file {name!r} is larger than {self.settings.max_file_bytes} bytes "
-                                "(TARQ_MAX_FILE_BYTES)", code="file_too_large")
-        if self.total > self.settings.max_total_bytes:
-            raise ApiError(413, f"upload is larger than {self.settings.max_total_bytes} bytes in total "
-                                f"(TARQ_MAX_TOTAL_BYTES), reached while reading {name!r}", code="upload_too_large")
+        if file_bytes > self.max_file_bytes:
+            raise ApiError(413, f"file {name!r} is larger than {self.max_file_bytes} bytes "
+                                f"({self.file_limit_name})", code="file_too_large")
+        if self.total > self.max_total_bytes:
+            raise ApiError(413, f"upload is larger than {self.max_total_bytes} bytes in total "
+                                f"({self.total_limit_name}), reached while reading {name!r}", code="upload_too_large")
 
 
 @dataclass
@@ -119,32 +134,32 @@ def check_audio(path: Path, name: str, settings: Settings, param: str) -> float:
     return duration
 
 
-def _archive_kind(name: str, head: bytes) -> str:
+def _archive_kind(name: str, head: bytes, param: str) -> str:
     lower = name.lower()
     if lower.endswith(".zip") or head.startswith(b"PK\x03\x04"):
         return "zip"
     if lower.endswith((".tar.gz", ".tgz", ".tar")) or head.startswith(b"\x1f\x8b"):
         return "tar"
-    raise ApiError(415, f"archive {name!r} is neither a zip nor a tar.gz", param="archive", code="bad_archive")
+    raise ApiError(415, f"archive {name!r} is neither a zip nor a tar.gz", param=param, code="bad_archive")
 
 
-def _member_name(raw: str, archive: str) -> str | None:
+def _member_name(raw: str, archive: str, param: str) -> str | None:
     """Validate a member path; None for entries to skip (folders, macOS/hidden files)."""
     path = raw.replace("\\", "/")
     parts = PurePosixPath(path).parts
     if path.startswith("/") or re.match(r"^[A-Za-z]:", path) or ".." in parts:
         raise ApiError(422, f"archive {archive!r} holds an unsafe path {raw!r} (absolute or with '..')",
-                       param="archive", code="unsafe_archive_path")
+                       param=param, code="unsafe_archive_path")
     if not parts or path.endswith("/") or any(p.startswith(".") or p == "__MACOSX" for p in parts):
         return None
     return _SAFE.sub("_", parts[-1])[:200]
 
 
-def extract_archive(src: Path, name: str, dest: Path, budget: Budget) -> list[str]:
+def extract_archive(src: Path, name: str, dest: Path, budget: Budget, param: str = "archive") -> list[str]:
     """Read a zip/tar(.gz) member by member into dest (flat). Returns the names written."""
     settings = budget.settings
     with open(src, "rb") as f:
-        kind = _archive_kind(name, f.read(4))
+        kind = _archive_kind(name, f.read(4), param)
     written: list[str] = []
     ratio_total = max(src.stat().st_size, 1) * settings.max_archive_ratio
 
@@ -160,33 +175,65 @@ def extract_archive(src: Path, name: str, dest: Path, budget: Budget) -> list[st
         if kind == "zip":
             with zipfile.ZipFile(src) as zf:
                 for info in zf.infolist():
-                    member = _member_name(info.filename, name)
+                    member = _member_name(info.filename, name, param)
                     if member is None or info.is_dir():
                         continue
                     if (info.external_attr >> 16) & 0o170000 == 0o120000:
                         raise ApiError(422, f"archive {name!r} holds a symbolic link {info.filename!r}",
-                                       param="archive", code="unsafe_archive_path")
+                                       param=param, code="unsafe_archive_path")
                     limit = int(max(info.compress_size, 1) * settings.max_archive_ratio)
                     with zf.open(info) as stream:
                         take(member, stream, limit)
         else:
             with tarfile.open(src, mode="r:*") as tf:
                 for info in tf:  # streaming: one member at a time
-                    member = _member_name(info.name, name)
+                    member = _member_name(info.name, name, param)
                     if info.isdir() or member is None:
                         continue
                     if not info.isfile():
                         raise ApiError(422, f"archive {name!r} holds {info.name!r}, which is a link or "
-                                            "device, not a file", param="archive", code="unsafe_archive_path")
+                                            "device, not a file", param=param, code="unsafe_archive_path")
                     stream = tf.extractfile(info)
                     take(member, stream, int(ratio_total))
                     if budget.total > ratio_total:
                         raise ApiError(413, f"archive {name!r} expands beyond {settings.max_archive_ratio:.0f}x "
                                             "its size (TARQ_MAX_ARCHIVE_RATIO); refusing a possible zip bomb",
-                                       param="archive", code="archive_ratio")
+                                       param=param, code="archive_ratio")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as err:
-        raise ApiError(422, f"archive {name!r} is corrupt: {err}", param="archive", code="bad_archive") from None
+        raise ApiError(422, f"archive {name!r} is corrupt: {err}", param=param, code="bad_archive") from None
     return written
+
+
+def stage_uploads(folder: Path, budget: Budget, files: list, archive, files_field: str, archive_field: str,
+                  reserved: tuple[str, ...] = ()) -> tuple[list[str], set[str]]:
+    """Write repeated file fields and the members of one archive, flat, into folder (made here).
+    Returns (every name written, the names that came from the archive)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    from_archive: set[str] = set()
+    for upload in files:
+        name = safe_name(upload.filename, files_field)
+        if name in names or name in reserved:
+            raise ApiError(422, f"field {files_field!r}: file name {name!r} appears twice", param=files_field,
+                           code="duplicate_name")
+        budget.add_file(name)
+        copy_limited(upload.file, folder / name, name, budget)
+        names.append(name)
+    if archive is not None:
+        arch_name = safe_name(archive.filename, archive_field)
+        scratch = folder.parent / f".{folder.name}-archive"
+        scratch.mkdir(exist_ok=True)
+        try:
+            copy_limited(archive.file, scratch / arch_name, arch_name, budget)
+            for member in extract_archive(scratch / arch_name, arch_name, folder, budget, param=archive_field):
+                if member in names:
+                    raise ApiError(422, f"file name {member!r} appears both in {archive_field!r} and "
+                                        f"{files_field!r}", param=archive_field, code="duplicate_name")
+                names.append(member)
+                from_archive.add(member)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return names, from_archive
 
 
 def stage_set(
@@ -203,32 +250,9 @@ def stage_set(
     """Stage one clip set (calibration or evaluation) from repeated files and/or one archive, then check
     every clip decodes and the transcripts parse. `files`/`archive`/`transcripts` are UploadFiles."""
     settings = budget.settings
-    folder.mkdir(parents=True, exist_ok=True)
     staged = Staged(folder)
-    names: list[str] = []
-    from_archive: set[str] = set()
-    for upload in files:
-        name = safe_name(upload.filename, files_field)
-        if name in names or name == TRANSCRIPTS:
-            raise ApiError(422, f"field {files_field!r}: file name {name!r} appears twice", param=files_field,
-                           code="duplicate_name")
-        budget.add_file(name)
-        copy_limited(upload.file, folder / name, name, budget)
-        names.append(name)
-    if archive is not None:
-        arch_name = safe_name(archive.filename, archive_field)
-        scratch = folder.parent / f".{folder.name}-archive"
-        scratch.mkdir(exist_ok=True)
-        try:
-            copy_limited(archive.file, scratch / arch_name, arch_name, budget)
-            for member in extract_archive(scratch / arch_name, arch_name, folder, budget):
-                if member in names:
-                    raise ApiError(422, f"file name {member!r} appears both in {archive_field!r} and "
-                                        f"{files_field!r}", param=archive_field, code="duplicate_name")
-                names.append(member)
-                from_archive.add(member)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    names, from_archive = stage_uploads(folder, budget, files, archive, files_field, archive_field,
+                                        reserved=(TRANSCRIPTS,))
     if transcripts is not None:
         tname = safe_name(transcripts.filename or TRANSCRIPTS, transcripts_field)
         if TRANSCRIPTS in names:
@@ -370,3 +394,46 @@ def check_hub_model(model_id: str, settings: Settings, param: str = "model") -> 
         raise ApiError(422, f"model {model_id!r} could not be checked: the Hugging Face Hub is unreachable from "
                             f"this server ({type(err).__name__}); use a folder under TARQ_MODEL_ROOTS",
                        param=param, code="hub_unreachable") from None
+
+
+# uploaded model folders (POST /v1/models) ----------------------------------------------------------------
+# What transformers reads of a Whisper folder; anything else (pickles, flax/tf weights, READMEs) is left out.
+MODEL_KEEP = ("*.json", "*.safetensors", "merges.txt")
+MODEL_NEEDS = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def stage_model(folder: Path, budget: Budget, *, files: list, archive=None, shown: str = "the upload") -> list[str]:
+    """Stage a model folder sent as repeated `files` and/or one `archive` (flattened: a folder at the
+    archive's top is fine), check it as a server folder is checked (Whisper, safetensors, no remote
+    code), that the processor files came along and that every safetensors file is whole, then drop what
+    transformers does not read. Returns the names kept; ApiError (422/413/415) names the problem."""
+    names, _ = stage_uploads(folder, budget, files, archive, "files", "archive")
+    param = "archive" if archive is not None and not files else "files"
+    if not names:
+        raise ApiError(422, "no model files given: send the folder's files as repeated 'files' fields or one "
+                            "'archive' (zip, tar, tar.gz)", param="files", code="no_files")
+    check_model_folder(folder, shown, param)
+    missing = [n for n in MODEL_NEEDS if n not in names]
+    if missing:
+        raise ApiError(422, f"model {shown!r} lacks {', '.join(missing)}: send the processor and tokenizer files "
+                            "with the weights (what WhisperProcessor.save_pretrained writes)", param=param,
+                       code="incomplete_model")
+    kept = [n for n in names if any(PurePosixPath(n).match(pattern) for pattern in MODEL_KEEP)]
+    for name in kept:
+        if name.endswith(".safetensors"):
+            check_safetensors(folder / name, name, param)
+    for name in set(names) - set(kept):
+        (folder / name).unlink()
+    return sorted(kept)
+
+
+def check_safetensors(path: Path, name: str, param: str) -> None:
+    """The header parses and its tensors cover the file exactly (a truncated upload fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ApiError(422, f"{name} is not a valid safetensors file: {err}", param=param,
+                       code="bad_weights") from None

@@ -125,8 +125,8 @@ def quantize(self, job_id: str) -> dict:
         from tarq.pipeline import quantize_model
 
         model_id = jobs.new_model_id(job["source_model"], config.method, config.bits, config.group_size)
-        out = quantize_model(job["source_model"], calib, scratch / "artifact", config, device=device(),
-                             progress=on_progress, should_stop=should_stop, eval_dir=eval_dir)
+        out = quantize_model(source_files(engine, job["source_model"]), calib, scratch / "artifact", config,
+                             device=device(), progress=on_progress, should_stop=should_stop, eval_dir=eval_dir)
         if should_stop():
             raise Cancelled("cancelled by request")
         storage().put_dir(Path(out), f"artifacts/{model_id}")
@@ -201,6 +201,16 @@ def model_cache():
 
             _cache = ModelCache(max_models=get_settings().model_cache_size)
     return _cache
+
+
+def source_files(engine, source: str) -> Path | str:
+    """A job's model: the folder of a model uploaded to the server (copied from remote storage once),
+    else the Hub id or server folder the API checked."""
+    try:
+        jobs.get_model(engine, source)
+    except jobs.ModelNotFound:
+        return source
+    return storage().local_dir(f"artifacts/{source}")
 
 
 def model_files(model: dict) -> Path | str:

@@ -2,14 +2,20 @@
 files for download: each a Hugging Face folder that tarq, or transformers with compressed-tensors, loads."""
 from __future__ import annotations
 
+import json
+import shutil
 from typing import Annotated
 
-from fastapi import APIRouter, Header
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, File, Form, Header, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import downloads, jobs
-from app.deps import EngineDep, KeyDep, StorageDep
+from app.deps import EngineDep, KeyDep, SettingsDep, StorageDep
 from app.schemas import ERROR_RESPONSES, ApiError, Deleted, ModelFileList, ModelList, ModelPublic
+from app.uploads import Budget, stage_model
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -17,6 +23,50 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONS
 @router.get("", response_model=ModelList)
 def list_models(engine: EngineDep, _: KeyDep):
     return {"object": "list", "data": [jobs.public_model(m) for m in jobs.list_models(engine)]}
+
+
+@router.post("", status_code=201, response_model=ModelPublic)
+def upload_model(
+    settings: SettingsDep,
+    engine: EngineDep,
+    storage: StorageDep,
+    owner: KeyDep,
+    name: Annotated[str | None, Form(max_length=200, description="what to call it (default: the archive's "
+                                                                     "name); the id is made from it")] = None,
+    files: Annotated[list[UploadFile] | None, File(description="the model folder's files")] = None,
+    archive: Annotated[UploadFile | None, File(description="the model folder as zip, tar or tar.gz")] = None,
+):
+    """Upload a Whisper model folder (say, a fine-tuned one) as it is: safetensors weights, config,
+    processor and tokenizer files. 201 with its id, which a quantization or a transcription then names
+    as its `model`."""
+    label = ((name or "").strip() or _archive_stem(archive) or "model")[:200]
+    model_id = jobs.new_upload_id(label)
+    staging = settings.data_dir / "staging" / model_id
+    try:
+        kept = stage_model(staging, Budget.for_model(settings), files=files or [], archive=archive, shown=label)
+        config = json.loads((staging / "config.json").read_text())
+        storage.put_dir(staging, f"artifacts/{model_id}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    try:
+        model = jobs.add_model(engine, id=model_id, job_id=None, owner=owner, base_model=label, method=jobs.UPLOADED,
+                               bits=FLOAT_BITS.get(dtype, 32), group_size=0,
+                               size_bytes=storage.size(f"artifacts/{model_id}"),
+                               info={"uploaded": True, "dtype": dtype, "files": kept})
+    except Exception:
+        storage.delete(f"artifacts/{model_id}")
+        raise
+    return JSONResponse(jobs.public_model(model), status_code=201)
+
+
+def _archive_stem(archive: UploadFile | None) -> str:
+    name = (archive.filename or "") if archive is not None else ""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return name
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
@@ -27,6 +77,11 @@ def get_model(model_id: str, engine: EngineDep, _: KeyDep):
 @router.delete("/{model_id}", response_model=Deleted)
 def delete_model(model_id: str, engine: EngineDep, storage: StorageDep, _: KeyDep):
     jobs.get_model(engine, model_id)  # 404 first
+    using = jobs.active_jobs_from(engine, model_id)
+    if using:
+        raise ApiError(409, f"model {model_id!r} is being quantized by job {using[0]}"
+                            f"{f' and {len(using) - 1} more' if len(using) > 1 else ''}; cancel or wait for it first",
+                       code="model_in_use")
     storage.delete(f"artifacts/{model_id}")
     jobs.delete_model(engine, model_id)
     return {"id": model_id, "object": "model", "deleted": True}

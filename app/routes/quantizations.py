@@ -31,6 +31,20 @@ def send_quantize(celery, job_id: str) -> None:
                      retry_policy=PUBLISH_RETRY)
 
 
+def uploaded_model(engine, model: str) -> str | None:
+    """The id when `model` names a model uploaded to this server (POST /v1/models); None when it names no
+    model here. A model this server quantized is refused: its weights are already on the 4-bit grid."""
+    try:
+        found = jobs.get_model(engine, model.strip())
+    except jobs.ModelNotFound:
+        return None
+    if found["method"] != jobs.UPLOADED:
+        raise ApiError(422, f"model {found['id']!r} is already quantized ({found['method']}, {found['bits']} bits); "
+                            f"quantize its base model {found['base_model']!r} instead", param="model",
+                       code="already_quantized")
+    return found["id"]
+
+
 @router.post("", status_code=202, response_model=QuantizationPublic,
              responses={200: {"model": QuantizationPublic, "description": "same Idempotency-Key: the earlier job"},
                         429: {"model": ErrorResponse, "description": "submission rate limit per API key reached; "
@@ -41,7 +55,8 @@ def create_quantization(
     storage: StorageDep,
     celery: CeleryDep,
     owner: KeyDep,
-    model: Annotated[str, Form(description="Hub id, or a folder under TARQ_MODEL_ROOTS")],
+    model: Annotated[str, Form(description="Hub id, a folder under TARQ_MODEL_ROOTS, or the id of a model "
+                                           "uploaded with POST /v1/models")],
     method: Annotated[str, Form()] = "tarq",
     bits: Annotated[int, Form()] = 4,
     group_size: Annotated[int, Form()] = 128,
@@ -80,7 +95,7 @@ def create_quantization(
         config = QuantConfig(**overrides)
     except (ValueError, TypeError) as err:
         raise ApiError(422, f"invalid quantization settings: {err}", code="bad_config") from None
-    source = check_model_source(model, settings)
+    source = uploaded_model(engine, model) or check_model_source(model, settings)
     files, eval_files = files or [], eval_files or []
     if config.method != "rtn" and not files and archive is None:
         raise ApiError(422, f"method {config.method} needs calibration audio: send repeated 'files' or one "

@@ -18,6 +18,7 @@ NON_HEALTH_ROUTES = [
     ("GET", "/v1/models"),
     ("GET", "/v1/models/abc"),
     ("DELETE", "/v1/models/abc"),
+    ("POST", "/v1/models"),
     ("GET", "/v1/models/abc/files"),
     ("GET", "/v1/models/abc/files/config.json"),
     ("GET", "/v1/models/abc/archive"),

@@ -95,6 +95,33 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
     assert client.get("/v1/models").json()["data"] == []
 
 
+def upload_flow(base: str, key: str, folder, clip) -> None:
+    """A model folder uploaded as a tar.gz is quantized (RTN: no calibration audio) and both it and its
+    quantized model transcribe; on S3 the worker copies the uploaded folder down to load it."""
+    import io
+    import tarfile
+
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname="my-whisper")
+    response = client.post("/v1/models", files={"archive": ("my-whisper.tar.gz", buf.getvalue(), "application/gzip")})
+    assert response.status_code == 201, response.text
+    uploaded = response.json()["id"]
+    response = client.post("/v1/quantizations", data={"model": uploaded, "method": "rtn"})
+    assert response.status_code == 202, response.text
+    job, _ = follow(client, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert client.get(f"/v1/models/{job['model']}").json()["base_model"] == uploaded
+    for model in (uploaded, job["model"]):
+        with open(clip, "rb") as f:
+            response = client.post("/v1/audio/transcriptions", data={"model": model, "response_format": "text"},
+                                   files={"file": (clip.name, f.read(), "audio/flac")})
+        assert response.status_code == 200, response.text
+    for model in (job["model"], uploaded):
+        assert client.delete(f"/v1/models/{model}").status_code == 200
+
+
 def check_download(client: httpx.Client, model_id: str, size_bytes: int) -> None:
     """The model's folder comes back as a tar that tarq loads, and model.safetensors in byte ranges."""
     import io
@@ -197,7 +224,7 @@ def test_embedded_serve_end_to_end(tmp_path, subprocess_env, clips, clip_transcr
 
 
 def test_redis_postgres_s3_with_separate_worker(tmp_path, subprocess_env, clips, clip_transcripts, pg_schema_url,
-                                                 s3_server):
+                                                 s3_server, tiny_whisper_dir):
     import redis
 
     try:
@@ -218,6 +245,7 @@ def test_redis_postgres_s3_with_separate_worker(tmp_path, subprocess_env, clips,
         # the worker is cold: importing torch after the job is claimed leaves seconds to cancel it running
         cancel_running(f"http://127.0.0.1:{port}", key, clips, clip_transcripts)
         service_flow(f"http://127.0.0.1:{port}", key, clips, clip_transcripts, methods=("rtn",))
+        upload_flow(f"http://127.0.0.1:{port}", key, tiny_whisper_dir, clips[0])
         assert not (tmp_path / "data" / "storage").exists()  # everything went to S3
     except BaseException:
         print(tail(tmp_path / "api.log"))

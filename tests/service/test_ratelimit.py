@@ -63,6 +63,9 @@ def test_submissions_over_the_limit_get_429_with_retry_after(make_client, make_s
     assert client.get("/v1/quantizations").status_code == 200
     # an unauthenticated caller gets 401, not 429, and does not use up anyone's bucket
     assert _submit(client, clips, Authorization="Bearer wrong").status_code == 401
+    # a model upload is a submission too: the same bucket, refused before its body is read
+    upload = client.post("/v1/models", files={"archive": ("m.tar", b"x" * 10, "application/x-tar")})
+    assert upload.status_code == 429 and "TARQ_RATE_LIMIT_PER_MINUTE" in upload.json()["error"]["message"]
 
 
 def test_limit_zero_turns_it_off(make_client, make_settings, tmp_path, clips):
