@@ -47,9 +47,11 @@ def dtype_option(default: str):
 @click.option("--prompt", default=None, help="Text to condition the first window on (spellings, names).")
 @click.option("--temperature", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
 @click.option("--word-timestamps", is_flag=True, help="Add word timings (verbose_json shows them).")
+@click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True,
+              help="translate: into English (multilingual models).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @dtype_option("auto")
-def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps, device, dtype):
+def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps, task, device, dtype):
     """Transcribe AUDIO files with MODEL (a model folder, Hub id, cached name or tarq artifact).
 
     One file prints the body alone; several print JSON keyed by file (json formats) or each body
@@ -70,7 +72,7 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
         with counting_kernels(loaded_model) as kernels:
             for name, clip in clips.items():
                 transcript = run(loaded_model, processor, clip, language=language, prompt=prompt,
-                                 temperature=temperature, word_timestamps=word_timestamps)
+                                 temperature=temperature, word_timestamps=word_timestamps, task=task)
                 bodies[name] = render(transcript, fmt, granularities=granularities)[0]
     except TarqError as e:
         raise click.ClickException(str(e)) from None

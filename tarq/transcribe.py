@@ -30,6 +30,7 @@ log = logging.getLogger("tarq.transcribe")
 SAMPLE_RATE = 16000  # Whisper's; tarq.audio.load_audio returns audio at this rate
 WINDOW_SECONDS = 30.0  # one encoder pass; longer clips need timestamp-driven long-form decoding
 FRAMES_PER_SECOND = 100  # mel frames; OpenAI's `seek` is counted in them
+TASKS = ("transcribe", "translate")  # Whisper's tasks; translate: into English
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,11 +140,13 @@ def _text_tokens(tokens, eot: int) -> list[int]:
     return [int(t) for t in tokens if int(t) < eot]
 
 
-def _language_kwargs(model, language: str | None) -> dict[str, Any]:
+def _language_kwargs(model, language: str | None, task: str = "transcribe") -> dict[str, Any]:
     """English-only models refuse language/task arguments (MODELS.md pitfall 9): send them only to
     multilingual models; ask an English-only model for English and it simply works."""
     if is_multilingual(model):
-        return {"language": language, "task": "transcribe"} if language else {"task": "transcribe"}
+        return {"language": language, "task": task} if language else {"task": task}
+    if task != "transcribe":
+        raise ModelError("this model is English-only and cannot translate: use a multilingual Whisper")
     if language and language.lower() not in ("en", "english", "<|en|>"):
         raise ModelError(f"this model is English-only; language {language!r} is not available")
     return {}
@@ -190,8 +193,10 @@ def transcribe(
     temperature: float = 0.0,
     word_timestamps: bool = False,
     share_encoder: bool = True,
+    task: str = "transcribe",
 ) -> Transcript:
-    """Transcribe one 16 kHz mono clip of any length.
+    """Transcribe one 16 kHz mono clip of any length; `task="translate"` translates it into English
+    (multilingual models: Whisper's <|translate|> task; the transcript's language is then English).
 
     Segments come from Whisper's timestamp tokens (one segment for the clip when the tokenizer has
     none); `words` from cross-attention alignment (the model's alignment heads) when asked.
@@ -206,6 +211,8 @@ def transcribe(
     takes instead of encoding that window again.
     `share_encoder=False` lets them (the same transcript, slower: `python bench/request.py` compares).
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     audio = _check_audio(audio)
     duration = len(audio) / SAMPLE_RATE
     timestamps = has_timestamps(model, processor)
@@ -221,7 +228,7 @@ def transcribe(
         )
 
     features, mask = _features(processor, [audio], model, long_form)
-    kwargs: dict[str, Any] = _language_kwargs(model, language)  # None: a multilingual model detects it
+    kwargs: dict[str, Any] = _language_kwargs(model, language, task)  # None: a multilingual model detects it
     if prompt:
         kwargs["prompt_ids"] = processor.get_prompt_ids(prompt, return_tensors="pt").to(model.device)
     if temperature and temperature > 0:
@@ -304,7 +311,9 @@ def transcribe(
         raw_segments, processor, eot, windows or [0], no_speech, temperature, duration, word_timestamps
     )
     text = "".join(s.text for s in segments).strip()
-    if language is None:
+    if task == "translate":
+        language = "en"
+    elif language is None:
         language = _detected_language(model, processor, raw_segments) if is_multilingual(model) else "en"
     return Transcript(
         text=text, language=language_code(language), duration=round(duration, 3),

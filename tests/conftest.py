@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random-weight Whisper built from a config (no download), real speech clips."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -50,6 +51,27 @@ def build_tiny_whisper(out: Path, seed: int = 0, **overrides) -> Path:
         if f.name != "generation_config.json":
             shutil.copy(f, out / f.name)
     return out
+
+
+def make_multilingual(folder: Path, timestamps: bool = True) -> Path:
+    """Give a tiny Whisper folder a multilingual generation config (two languages of the fixture's
+    vocabulary, both tasks): with no language given, generate detects one."""
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen.update(is_multilingual=True, lang_to_id={"<|en|>": 50258, "<|de|>": 50260},
+               task_to_id={"transcribe": 50358, "translate": 50357})
+    if not timestamps:
+        del gen["no_timestamps_token_id"]
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def multilingual_whisper_dir(short_whisper_dir, tiny_whisper_dir) -> Path:
+    """The short tiny Whisper made multilingual, beside tiny-whisper (so under the service tests' model
+    root, as `tiny-whisper-multi`)."""
+    out = tiny_whisper_dir.parent / "tiny-whisper-multi"
+    shutil.copytree(short_whisper_dir, out)
+    return make_multilingual(out)
 
 
 @pytest.fixture(autouse=True)

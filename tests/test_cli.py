@@ -53,6 +53,15 @@ def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     assert "[transformers]" not in proc.stderr  # generate's warnings about its own arguments stay quiet
 
 
+def test_transcribe_translate(short_whisper_dir, multilingual_whisper_dir, calib_dir):
+    clip = sorted(calib_dir.glob("*.flac"))[0]
+    proc = tarq("transcribe", multilingual_whisper_dir, clip, "--task", "translate", "--format", "verbose_json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["language"] == "english"
+    one_line_error(tarq("transcribe", short_whisper_dir, clip, "--task", "translate"),
+                   "English-only and cannot translate")
+
+
 def test_quantize_rtn_needs_no_calibration(tiny_whisper_dir, tmp_path):
     proc = tarq("quantize", tiny_whisper_dir, "--out", tmp_path / "r", "--method", "rtn", "--sym")
     assert proc.returncode == 0, proc.stderr

@@ -134,14 +134,10 @@ def multilingual_copy(folder: Path, out: Path, timestamps: bool = True, device: 
     vocabulary: no language given, generate detects one); without timestamps on request."""
     import shutil
 
+    from tests.conftest import make_multilingual
+
     shutil.copytree(folder, out)
-    gen = json.loads((out / "generation_config.json").read_text())
-    gen.update(is_multilingual=True, lang_to_id={"<|en|>": 50258, "<|de|>": 50260},
-               task_to_id={"transcribe": 50358, "translate": 50357})
-    if not timestamps:
-        del gen["no_timestamps_token_id"]
-    (out / "generation_config.json").write_text(json.dumps(gen))
-    return load(out, device=device, dtype=dtype)
+    return load(make_multilingual(out, timestamps), device=device, dtype=dtype)
 
 
 def encoder_passes(model, processor, audio, **kw) -> dict:
@@ -352,6 +348,38 @@ def test_english_only_model_refuses_other_languages(tiny):
         transcribe(model, processor, noise(1.0), language="fr")
 
 
+@pytest.mark.parametrize("share_encoder", [True, False])
+def test_translate_asks_the_decoder_for_the_translate_task(short_whisper_dir, tmp_path, share_encoder):
+    """The task token the decoder reads is <|translate|> (50357) for task="translate" and <|transcribe|>
+    (50358) otherwise, with the language detected or given; a translation's language is English."""
+    model, processor = multilingual_copy(short_whisper_dir, tmp_path / "m")
+    read: list[int] = []
+
+    def record(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            read.extend(ids.flatten().tolist())
+
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for task, language, token, other in [("translate", None, 50357, 50358), ("translate", "de", 50357, 50358),
+                                              ("transcribe", "de", 50358, 50357)]:
+            read.clear()
+            out = transcribe(model, processor, noise(2.0), task=task, language=language, share_encoder=share_encoder)
+            assert token in read and other not in read, (task, language)
+            assert out.language == ("en" if task == "translate" else "de")
+    finally:
+        handle.remove()
+
+
+def test_translate_needs_a_multilingual_model(tiny):
+    model, processor = tiny
+    with pytest.raises(ModelError, match="English-only and cannot translate"):
+        transcribe(model, processor, noise(1.0), task="translate")
+    with pytest.raises(ValueError, match="task must be one of transcribe, translate"):
+        transcribe(model, processor, noise(1.0), task="summarize")
+
+
 def test_word_timestamps_need_alignment_heads(tiny):
     model, processor = tiny
     heads = model.generation_config.alignment_heads
@@ -552,6 +580,25 @@ def test_real_multilingual_request_encodes_once():
     given = encoder_passes(model, processor, load_audio(LJ / "LJ001-0001.flac"), language="en")
     assert (given[False][1:], given[True][1:]) == ((2, 2), (1, 1))
     assert_same_transcript(given[True][0], got[True][0])
+
+
+@pytest.mark.slow
+def test_real_translation_of_english_speech_is_english():
+    """whisper-base translating English speech gives back about what it transcribes (English into English),
+    and says English."""
+    import jiwer
+
+    from tarq.audio import load_audio
+    from tarq.hub import pull
+
+    if not LJ.is_dir():
+        pytest.skip(f"real speech not found at {LJ}")
+    model, processor = load(pull("whisper-base"))
+    audio = load_audio(LJ / "LJ001-0002.flac")
+    heard = transcribe(model, processor, audio)
+    translated = transcribe(model, processor, audio, task="translate")
+    assert translated.language == "en" and translated.text
+    assert jiwer.wer(heard.text.lower(), translated.text.lower()) < 0.3, (heard.text, translated.text)
 
 
 def test_concurrent_long_form_requests_get_their_own_first_window(short_whisper_dir, tmp_path):

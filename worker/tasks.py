@@ -312,7 +312,8 @@ def _transcribe(payload: dict, settings) -> dict:
         with _timed(seconds, "transcribe"), counting_kernels(loaded) as kernels:
             transcript = run(loaded, processor, audio, language=payload.get("language"),
                              prompt=payload.get("prompt"), temperature=float(payload.get("temperature") or 0.0),
-                             word_timestamps=bool(payload.get("word_timestamps")))
+                             word_timestamps=bool(payload.get("word_timestamps")),
+                             task=payload.get("task") or "transcribe")
         return {"transcript": transcript.to_dict(), "kernels": kernels, "dtype": dtype_name(loaded.dtype),
                 "seconds": seconds}
     except TarqError as err:

@@ -1,4 +1,5 @@
-"""POST /v1/audio/transcriptions, shaped like OpenAI's so the official client works unmodified.
+"""POST /v1/audio/transcriptions and /v1/audio/translations, shaped like OpenAI's so the official client
+works unmodified.
 
 The API checks the upload, stores it, sends `tarq.transcribe` by name to the `transcribe` queue and
 waits for the worker's Transcript, which it renders with tarq.formats (torch-free). For a quantized
@@ -57,7 +58,10 @@ def server_timing(worker: dict, waited: float) -> str:
     return ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in parts.items())
 
 
-@router.post("/transcriptions", responses={200: {"content": {"application/json": {}, "text/plain": {}}}})
+ANSWERS = {200: {"content": {"application/json": {}, "text/plain": {}}}}
+
+
+@router.post("/transcriptions", responses=ANSWERS)
 def create_transcription(
     settings: SettingsDep,
     engine: EngineDep,
@@ -72,6 +76,35 @@ def create_transcription(
     response_format: Annotated[str, Form()] = "json",
     timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
 ):
+    return respond(settings, engine, storage, celery, file=file, model=model, language=language, prompt=prompt,
+                  temperature=temperature, response_format=response_format,
+                  timestamp_granularities=timestamp_granularities, task="transcribe")
+
+
+@router.post("/translations", responses=ANSWERS)
+def create_translation(
+    settings: SettingsDep,
+    engine: EngineDep,
+    storage: StorageDep,
+    celery: CeleryDep,
+    _: KeyDep,
+    file: Annotated[UploadFile, File()],
+    model: Annotated[str, Form()],
+    prompt: Annotated[str | None, Form(max_length=4000, description="in English")] = None,
+    temperature: Annotated[float, Form(ge=0.0, le=1.0)] = 0.0,
+    response_format: Annotated[str, Form()] = "json",
+):
+    """OpenAI's translations: the speech of the clip, in any language Whisper knows, as English text
+    (a multilingual model's translate task; an English-only model answers 422)."""
+    return respond(settings, engine, storage, celery, file=file, model=model, language=None, prompt=prompt,
+                  temperature=temperature, response_format=response_format, timestamp_granularities=None,
+                  task="translate")
+
+
+def respond(settings: Settings, engine, storage, celery, *, file: UploadFile, model: str, language: str | None,
+           prompt: str | None, temperature: float, response_format: str, timestamp_granularities: list[str] | None,
+           task: str):
+    """Check the request, send it to a worker, wait, and render what comes back."""
     from tarq.formats import LANGUAGES, Transcript, check_format, check_granularities, render
 
     try:
@@ -99,7 +132,7 @@ def create_transcription(
         shutil.rmtree(staging, ignore_errors=True)
 
     payload = {"model": source, "audio_key": key, "name": name, "language": language, "prompt": prompt,
-               "temperature": temperature, "word_timestamps": "word" in granularities}
+               "temperature": temperature, "word_timestamps": "word" in granularities, "task": task}
     started = time.perf_counter()
     send = lambda task_id=None: celery.send_task("tarq.transcribe", args=[payload], queue="transcribe",  # noqa: E731
                                                  retry_policy=PUBLISH_RETRY, task_id=task_id)
@@ -137,8 +170,8 @@ def create_transcription(
     if "error" in answer:
         err = answer["error"]
         status = 422 if err.get("type") in ("AudioError", "ModelError", "CalibrationError") else 500
-        raise ApiError(status, err.get("message", "transcription failed"), param="file" if status == 422 else None,
-                       code=err.get("type"))
+        param = ("model" if err.get("type") == "ModelError" else "file") if status == 422 else None
+        raise ApiError(status, err.get("message", f"{task} failed"), param=param, code=err.get("type"))
     body, media = render(Transcript.from_dict(answer["transcript"]), response_format, granularities=granularities)
     headers = {}
     if kernels:  # an RFC 8941 dictionary: the paths are lower-case tokens

@@ -23,6 +23,7 @@ NON_HEALTH_ROUTES = [
     ("GET", "/v1/models/abc/files/config.json"),
     ("GET", "/v1/models/abc/archive"),
     ("POST", "/v1/audio/transcriptions"),
+    ("POST", "/v1/audio/translations"),
     ("GET", "/metrics"),
 ]
 
@@ -365,18 +366,20 @@ def test_models_list_get_delete(client, engine, settings):
     error_of(client.get("/v1/models/m-1"), 404)
 
 
-def test_transcription_refusals(client, clips):
+@pytest.mark.parametrize("route", ["transcriptions", "translations"])
+def test_transcription_refusals(client, clips, route):
     def post(name="a.flac", data=None, **form):
         data = clips[0].read_bytes() if data is None else data
-        return client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper", **form},
+        return client.post(f"/v1/audio/{route}", data={"model": "tiny-whisper", **form},
                            files={"file": (name, data, "audio/flac")})
 
     assert "no-such-model" in error_of(post(model="no-such-model"), 404)["message"]
     assert "response format" in error_of(post(response_format="xml"), 422)["message"]
-    assert "language" in error_of(post(language="xx"), 422)["message"]
+    if route == "transcriptions":  # translations take no language: OpenAI's leave it out too
+        assert "language" in error_of(post(language="xx"), 422)["message"]
     assert "not audio" in error_of(post(name="a.txt", data=b"text " * 100), 415)["message"]
     assert "is empty" in error_of(post(data=b""), 422)["message"]
-    assert error_of(client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper"}), 422)["param"] == "file"
+    assert error_of(client.post(f"/v1/audio/{route}", data={"model": "tiny-whisper"}), 422)["param"] == "file"
 
 
 # dependencies down ---------------------------------------------------------------------------------------

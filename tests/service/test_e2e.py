@@ -35,7 +35,7 @@ def follow(client: httpx.Client, job_id: str, timeout: float = 600) -> tuple[dic
 
 
 def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[str, ...],
-                 evaluate: bool = False) -> None:
+                 evaluate: bool = False, translate: bool = False) -> None:
     import openai
 
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
@@ -83,6 +83,8 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
         text = oai.audio.transcriptions.create(model="tiny-whisper", file=f, response_format="text")
     assert isinstance(text, str)
     check_kernels_reported(client, made[0][1], clips[0])
+    if translate:
+        check_translation(oai, clips[1])
     with pytest.raises(openai.NotFoundError):
         with open(clips[1], "rb") as f:
             oai.audio.transcriptions.create(model="no-such-model", file=f)
@@ -93,6 +95,19 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
         assert oai.models.delete(model_id).deleted is True
         assert client.get(f"/v1/models/{model_id}").status_code == 404
     assert client.get("/v1/models").json()["data"] == []
+
+
+def check_translation(oai, clip) -> None:
+    """/v1/audio/translations through the openai client: English from a multilingual model; an English-only
+    one answers 422 saying why (the worker's refusal, passed on)."""
+    import openai
+
+    with open(clip, "rb") as f:
+        out = oai.audio.translations.create(model="tiny-whisper-multi", file=f, response_format="verbose_json")
+    assert isinstance(out.text, str) and out.language == "english" and out.segments
+    with pytest.raises(openai.UnprocessableEntityError, match="English-only and cannot translate"):
+        with open(clip, "rb") as f:
+            oai.audio.translations.create(model="tiny-whisper", file=f)
 
 
 def upload_flow(base: str, key: str, folder, clip) -> None:
@@ -205,7 +220,7 @@ def tail(path, n=60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def test_embedded_serve_end_to_end(tmp_path, subprocess_env, clips, clip_transcripts):
+def test_embedded_serve_end_to_end(tmp_path, subprocess_env, clips, clip_transcripts, multilingual_whisper_dir):
     port = free_port()
     proc, log = run_logged(tarq_command("serve", "--port", str(port)), subprocess_env, tmp_path / "serve.log")
     try:
@@ -213,7 +228,7 @@ def test_embedded_serve_end_to_end(tmp_path, subprocess_env, clips, clip_transcr
         key_file = tmp_path / "data" / "api_key"
         assert key_file.stat().st_mode & 0o777 == 0o600
         service_flow(f"http://127.0.0.1:{port}", key_file.read_text().strip(), clips, clip_transcripts,
-                     methods=("rtn", "tarq"), evaluate=True)
+                     methods=("rtn", "tarq"), evaluate=True, translate=True)
     except BaseException:
         print(tail(tmp_path / "serve.log"))
         raise
