@@ -19,8 +19,9 @@ from .transcribe import dtype_name
 
 def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config: QuantConfig, *,
                    device: str = "cpu", progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                   eval_dir: Path | None = None) -> Path:
-    """Quantize `model` with `config` and write the artifact folder `out_dir`. RTN needs no `calib`."""
+                   eval_dir: Path | None = None, base_model: str | None = None) -> Path:
+    """Quantize `model` with `config` and write the artifact folder `out_dir`. RTN needs no `calib`.
+    `base_model` is what the model card and report call the source (default: `model` as given)."""
     from .artifact import save_artifact
 
     report_progress = progress or (lambda p: None)
@@ -50,7 +51,7 @@ def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config:
 
     report = {
         "tarq_version": __version__,
-        "base_model": str(model),
+        "base_model": base_model or str(model),
         "config": config.to_dict(),
         "calibration": data.info if data is not None else None,
         "transcripts": {"given": len(data) - data.pseudo_labelled, "pseudo_labelled": data.pseudo_labelled}
@@ -70,7 +71,7 @@ def quantize_model(model: str | Path, calib: Path | None, out_dir: Path, config:
     }
     n = len(driver.blocks)
     report_progress(Progress("save", n, n))
-    out = save_artifact(fp_model, quantized, processor, Path(out_dir), config=config, base_model=str(model),
+    out = save_artifact(fp_model, quantized, processor, Path(out_dir), config=config, base_model=base_model or str(model),
                         report=report)
     if eval_dir is not None:
         from .evaluate import attach_metrics

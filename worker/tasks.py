@@ -125,8 +125,9 @@ def quantize(self, job_id: str) -> dict:
         from tarq.pipeline import quantize_model
 
         model_id = jobs.new_model_id(job["source_model"], config.method, config.bits, config.group_size)
-        out = quantize_model(source_files(engine, job["source_model"]), calib, scratch / "artifact", config,
-                             device=device(), progress=on_progress, should_stop=should_stop, eval_dir=eval_dir)
+        source, name = source_files(engine, job["source_model"])
+        out = quantize_model(source, calib, scratch / "artifact", config, device=device(), progress=on_progress,
+                             should_stop=should_stop, eval_dir=eval_dir, base_model=name)
         if should_stop():
             raise Cancelled("cancelled by request")
         storage().put_dir(Path(out), f"artifacts/{model_id}")
@@ -203,14 +204,15 @@ def model_cache():
     return _cache
 
 
-def source_files(engine, source: str) -> Path | str:
-    """A job's model: the folder of a model uploaded to the server (copied from remote storage once),
-    else the Hub id or server folder the API checked."""
+def source_files(engine, source: str) -> tuple[Path | str, str]:
+    """A job's model and what its model card calls it: the folder of a model uploaded to the server
+    (copied from remote storage once) and the name it was uploaded under, else the Hub id or server
+    folder the API checked, twice."""
     try:
-        jobs.get_model(engine, source)
+        uploaded = jobs.get_model(engine, source)
     except jobs.ModelNotFound:
-        return source
-    return storage().local_dir(f"artifacts/{source}")
+        return source, source
+    return storage().local_dir(f"artifacts/{source}"), uploaded["base_model"]
 
 
 def model_files(model: dict) -> Path | str:

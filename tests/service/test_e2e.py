@@ -128,6 +128,8 @@ def upload_flow(base: str, key: str, folder, clip) -> None:
     job, _ = follow(client, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     assert client.get(f"/v1/models/{job['model']}").json()["base_model"] == uploaded
+    card = client.get(f"/v1/models/{job['model']}/files/README.md").text  # the name it was uploaded as
+    assert 'base_model: "my-whisper"' in card.splitlines()[1], card
     for model in (uploaded, job["model"]):
         with open(clip, "rb") as f:
             response = client.post("/v1/audio/transcriptions", data={"model": model, "response_format": "text"},
