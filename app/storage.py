@@ -80,13 +80,16 @@ class Storage:
 
     def local_dir(self, key: str) -> Path:
         """A local folder with the content of `key`: the folder itself when storage is local, else a
-        copy in cache_dir (made once; an artifact never changes after it is written)."""
+        copy in cache_dir (made once; an artifact never changes after it is written). Each new copy
+        first drops the copies of folders deleted from the store since (a model deleted through another
+        API host), so that a worker's disk holds no more than the models that still exist."""
         if self.local:
             return Path(self.path(key))
         if self.cache_dir is None:
             raise RuntimeError("remote storage needs a cache_dir to load artifacts from")
         target = self.cache_dir / key
         if not (target / ".complete").exists():
+            self.forget_deleted(key.rsplit("/", 1)[0])
             partial = target.with_name(target.name + f".partial-{os.getpid()}")
             shutil.rmtree(partial, ignore_errors=True)
             self.get_dir(key, partial)
@@ -94,6 +97,19 @@ class Storage:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
         return target
+
+    def forget_deleted(self, parent: str) -> list[str]:
+        """Remove the cached copies under `parent` whose folder is gone from the store; returns their keys.
+        Copies still being made (no `.complete` yet) are left alone."""
+        folder = self.cache_dir / parent if self.cache_dir is not None else None
+        if folder is None or not folder.is_dir():
+            return []
+        self.fs.invalidate_cache()  # s3fs remembers listings: a deletion by another host is not in them
+        gone = [f"{parent}/{copy.name}" for copy in sorted(folder.iterdir())
+                if (copy / ".complete").exists() and not self.exists(f"{parent}/{copy.name}")]
+        for key in gone:
+            shutil.rmtree(self.cache_dir / key, ignore_errors=True)
+        return gone
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))

@@ -117,3 +117,25 @@ def test_s3_storage(tmp_path, s3_server):
     settings = Settings(data_dir=tmp_path / "data", storage_url=f"s3://{bucket}/tarq", s3_endpoint_url=endpoint,
                         s3_access_key_id="testing", s3_secret_access_key="testing", s3_region="us-east-1")
     check_storage(storage_from_settings(settings), tmp_path)
+
+
+def test_cached_copies_of_folders_deleted_elsewhere_are_dropped(tmp_path, s3_server):
+    """A worker copies S3 artifacts to its disk; a model deleted through another host's API leaves the copy
+    behind until the worker's next copy, which drops it (and keeps the live ones and copies in progress)."""
+    from app.settings import Settings
+    from app.storage import storage_from_settings
+
+    endpoint, bucket = s3_server
+    settings = Settings(data_dir=tmp_path / "data", storage_url=f"s3://{bucket}/tarq", s3_endpoint_url=endpoint,
+                        s3_access_key_id="testing", s3_secret_access_key="testing", s3_region="us-east-1")
+    worker, elsewhere = storage_from_settings(settings), storage_from_settings(
+        settings.model_copy(update={"data_dir": tmp_path / "api"}))
+    for name in ("m1", "m2", "m3"):
+        worker.put_bytes(f"artifacts/{name}/config.json", b"{}")
+    kept, dropped = worker.local_dir("artifacts/m1"), worker.local_dir("artifacts/m2")
+    in_progress = worker.cache_dir / "artifacts" / "m9.partial-1"
+    in_progress.mkdir()
+    elsewhere.delete("artifacts/m2")
+    assert dropped.is_dir()  # nothing tells the worker yet
+    assert (worker.local_dir("artifacts/m3") / "config.json").read_bytes() == b"{}"
+    assert not dropped.exists() and (kept / "config.json").is_file() and in_progress.is_dir()
