@@ -397,9 +397,11 @@ def check_hub_model(model_id: str, settings: Settings, param: str = "model") -> 
 
 
 # uploaded model folders (POST /v1/models) ----------------------------------------------------------------
-# What transformers reads of a Whisper folder; anything else (pickles, flax/tf weights, READMEs) is left out.
-MODEL_KEEP = ("*.json", "*.safetensors", "merges.txt")
-MODEL_NEEDS = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
+# What transformers reads of a Whisper folder, and its model card; anything else (pickles, flax/tf weights) is
+# left out.
+MODEL_KEEP = ("*.json", "*.safetensors", "merges.txt", "README.md")
+# each entry: one of these names (transformers 5 writes the feature extractor into processor_config.json)
+MODEL_NEEDS = (("config.json",), ("preprocessor_config.json", "processor_config.json"), ("tokenizer_config.json",))
 
 
 def stage_model(folder: Path, budget: Budget, *, files: list, archive=None, shown: str = "the upload") -> list[str]:
@@ -413,7 +415,7 @@ def stage_model(folder: Path, budget: Budget, *, files: list, archive=None, show
         raise ApiError(422, "no model files given: send the folder's files as repeated 'files' fields or one "
                             "'archive' (zip, tar, tar.gz)", param="files", code="no_files")
     check_model_folder(folder, shown, param)
-    missing = [n for n in MODEL_NEEDS if n not in names]
+    missing = [" or ".join(options) for options in MODEL_NEEDS if not set(options) & set(names)]
     if missing:
         raise ApiError(422, f"model {shown!r} lacks {', '.join(missing)}: send the processor and tokenizer files "
                             "with the weights (what WhisperProcessor.save_pretrained writes)", param=param,

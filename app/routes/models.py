@@ -44,20 +44,41 @@ def upload_model(
     staging = settings.data_dir / "staging" / model_id
     try:
         kept = stage_model(staging, Budget.for_model(settings), files=files or [], archive=archive, shown=label)
-        config = json.loads((staging / "config.json").read_text())
+        record = _describe(staging, label, kept, "archive" if archive is not None and not files else "files")
         storage.put_dir(staging, f"artifacts/{model_id}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     try:
-        model = jobs.add_model(engine, id=model_id, job_id=None, owner=owner, base_model=label, method=jobs.UPLOADED,
-                               bits=FLOAT_BITS.get(dtype, 32), group_size=0,
-                               size_bytes=storage.size(f"artifacts/{model_id}"),
-                               info={"uploaded": True, "dtype": dtype, "files": kept})
+        model = jobs.add_model(engine, id=model_id, job_id=None, owner=owner,
+                               size_bytes=storage.size(f"artifacts/{model_id}"), **record)
     except Exception:
         storage.delete(f"artifacts/{model_id}")
         raise
     return JSONResponse(jobs.public_model(model), status_code=201)
+
+
+def _describe(folder, label: str, kept: list[str], param: str) -> dict:
+    """The model record of an uploaded folder: a float model to quantize (method `none`), or a quantized
+    artifact (tarq's, or compressed-tensors pack-quantized) that is served as it is, never quantized again."""
+    from tarq.artifact_info import artifact_info, is_artifact
+    from tarq.errors import ModelError
+
+    config = json.loads((folder / "config.json").read_text())
+    if not is_artifact(folder):
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+        return {"base_model": label, "method": jobs.UPLOADED, "bits": FLOAT_BITS.get(dtype, 32), "group_size": 0,
+                "info": {"uploaded": True, "dtype": dtype, "files": kept}}
+    try:
+        info = artifact_info(folder)
+        if not all(isinstance(info[k], int) for k in ("bits", "group_size")):
+            raise ModelError("its quantization_config's weights lack num_bits or group_size")
+    except ModelError as err:
+        raise ApiError(422, f"model {label!r} is not a quantized model tarq can load: "
+                            f"{str(err).replace(f'{folder}/', '')}", param=param, code="bad_quantized_model") from None
+    info.pop("path", None)
+    return {"base_model": info["base_model"] or label, "method": str(info["method"] or "unknown")[:16],
+            "bits": int(info["bits"]), "group_size": int(info["group_size"]),
+            "info": {**info, "uploaded": True, "files": kept}}
 
 
 def _archive_stem(archive: UploadFile | None) -> str:

@@ -111,8 +111,9 @@ def check_translation(oai, clip) -> None:
 
 
 def upload_flow(base: str, key: str, folder, clip) -> None:
-    """A model folder uploaded as a tar.gz is quantized (RTN: no calibration audio) and both it and its
-    quantized model transcribe; on S3 the worker copies the uploaded folder down to load it."""
+    """A model folder uploaded as a tar.gz is quantized (RTN: no calibration audio), the quantized model
+    goes round a download and an upload, and all three transcribe; on S3 the worker copies the uploaded
+    folders down to load them."""
     import io
     import tarfile
 
@@ -130,12 +131,19 @@ def upload_flow(base: str, key: str, folder, clip) -> None:
     assert client.get(f"/v1/models/{job['model']}").json()["base_model"] == uploaded
     card = client.get(f"/v1/models/{job['model']}/files/README.md").text  # the name it was uploaded as
     assert 'base_model: "my-whisper"' in card.splitlines()[1], card
-    for model in (uploaded, job["model"]):
+    # the quantized model downloaded as a tar and uploaded again (as to another server) is served as it is
+    archive = client.get(f"/v1/models/{job['model']}/archive").content
+    response = client.post("/v1/models", files={"archive": ("q.tar", archive, "application/x-tar")})
+    assert response.status_code == 201, response.text
+    again = response.json()
+    assert (again["method"], again["bits"]) == ("rtn", 4)
+    for model in (uploaded, job["model"], again["id"]):
         with open(clip, "rb") as f:
             response = client.post("/v1/audio/transcriptions", data={"model": model, "response_format": "text"},
                                    files={"file": (clip.name, f.read(), "audio/flac")})
         assert response.status_code == 200, response.text
-    for model in (job["model"], uploaded):
+        assert bool(response.headers.get("X-Tarq-Kernels")) == (model != uploaded)  # int4 layers ran
+    for model in (again["id"], job["model"], uploaded):
         assert client.delete(f"/v1/models/{model}").status_code == 200
 
 

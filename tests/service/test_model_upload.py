@@ -143,3 +143,34 @@ def test_a_quantized_model_is_not_quantized_again(client, engine, clips):
                    bits=4, group_size=128, size_bytes=1, info={})
     err = error_of(submit(client, clips[:1], model="q-1", method="rtn"), 422)
     assert err["code"] == "already_quantized" and "openai/whisper-tiny" in err["message"]
+
+
+@pytest.fixture(scope="module")
+def rtn_artifact(tiny_whisper_dir, tmp_path_factory):
+    """tiny-whisper quantized with RTN by the library, as a user would with `tarq quantize` elsewhere."""
+    from tarq.config import QuantConfig
+    from tarq.pipeline import quantize_model
+
+    return quantize_model(tiny_whisper_dir, None, tmp_path_factory.mktemp("rtn") / "art", QuantConfig(method="rtn"))
+
+
+def test_a_quantized_folder_is_served_as_it_is_and_not_quantized_again(client, clips, rtn_artifact, tiny_whisper_dir):
+    response = client.post("/v1/models", files=as_fields(folder_files(rtn_artifact)), data={"name": "tiny-rtn"})
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert (model["method"], model["bits"], model["group_size"]) == ("rtn", 4, 128)
+    assert model["base_model"] == str(tiny_whisper_dir)  # what the artifact says it was made from
+    assert {f["path"] for f in client.get(f"/v1/models/{model['id']}/files").json()["data"]} >= {
+        "README.md", "tarq_report.json", "model.safetensors"}
+    err = error_of(submit(client, clips[:1], model=model["id"]), 422)
+    assert err["code"] == "already_quantized"
+
+
+def test_a_quantized_folder_tarq_cannot_load_is_refused(client, settings, rtn_artifact):
+    config = json.loads((rtn_artifact / "config.json").read_text())
+    config["quantization_config"]["format"] = "float-quantized"
+    files = folder_files(rtn_artifact, config__json=json.dumps(config).encode())
+    err = error_of(client.post("/v1/models", files=as_fields(files)), 422)
+    assert err["code"] == "bad_quantized_model" and "float-quantized" in err["message"]
+    assert str(settings.data_dir) not in err["message"]  # no server path in the message
+    assert stored_nothing(client, settings)
