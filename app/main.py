@@ -21,6 +21,7 @@ from app.auth import check_key
 from app.ratelimit import RateLimiter, retry_after
 from app.schemas import ApiError, error_body
 from app.settings import Settings, get_settings
+from app.storage import StorageUnavailable
 
 log = logging.getLogger("tarq.api")
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
@@ -190,6 +191,12 @@ def create_app() -> FastAPI:
         log.error("database error: %s", err)
         return error_response(503, "the job database is unavailable; try again shortly", type="server_error",
                               code="database_unavailable")
+
+    @app.exception_handler(StorageUnavailable)
+    async def storage_down(_request: Request, err: StorageUnavailable):
+        log.error("%s", err)
+        return error_response(503, "the artifact store is unavailable; try again shortly", type="server_error",
+                              code="storage_unavailable")
 
     @app.exception_handler(Exception)
     async def internal(_request: Request, err: Exception):

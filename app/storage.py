@@ -7,11 +7,39 @@ and nothing here is served without going through an authenticated route.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
 
 import fsspec
+
+
+class StorageUnavailable(OSError):
+    """The store could not be reached or refused an operation (a missing key is FileNotFoundError)."""
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    try:  # s3fs turns most S3 answers into OSErrors, but not a connection that fails
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+def guarded(method):
+    """Re-raise the store's failures as StorageUnavailable naming the store, so that the API can answer
+    503 instead of 500; FileNotFoundError and the key checks' ValueError pass unchanged."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (StorageUnavailable, FileNotFoundError):
+            raise
+        except _store_errors() as err:
+            raise StorageUnavailable(f"storage {self.url} is unavailable: {type(err).__name__}: "
+                                     f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    return run
 
 
 class Storage:
@@ -29,12 +57,14 @@ class Storage:
             raise ValueError(f"unsafe storage key {key!r}")
         return f"{self.root}/{key}"
 
+    @guarded
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self.fs.pipe_file(path, data)
 
+    @guarded
     def put_file(self, local: Path, key: str) -> None:
         path = self.path(key)
         if self.local:
@@ -43,14 +73,17 @@ class Storage:
         else:
             self.fs.put_file(str(local), path)
 
+    @guarded
     def put_dir(self, local: Path, key: str) -> None:
         for file in sorted(Path(local).rglob("*")):
             if file.is_file():
                 self.put_file(file, f"{key}/{file.relative_to(local).as_posix()}")
 
+    @guarded
     def get_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
 
+    @guarded
     def get_dir(self, key: str, local: Path) -> Path:
         """Copy a stored folder to a local one (the worker's scratch space)."""
         local = Path(local)
@@ -62,6 +95,7 @@ class Storage:
             self.fs.get_file(path, str(target))
         return local
 
+    @guarded
     def files(self, key: str) -> dict[str, int]:
         """The files of a stored folder: path relative to it (posix) -> size in bytes; {} if absent."""
         prefix = self.path(key)
@@ -69,6 +103,7 @@ class Storage:
         return {self._relative(path, prefix): int(info["size"]) for path, info in sorted(found.items())
                 if info.get("type") == "file"}
 
+    @guarded
     def open(self, key: str):
         """A binary file object for reading (seekable, on S3 too)."""
         return self.fs.open(self.path(key), "rb")
@@ -78,6 +113,7 @@ class Storage:
             return Path(os.path.relpath(path, prefix)).as_posix()
         return path[len(prefix.rstrip("/")) + 1:]
 
+    @guarded
     def local_dir(self, key: str) -> Path:
         """A local folder with the content of `key`: the folder itself when storage is local, else a
         copy in cache_dir (made once; an artifact never changes after it is written). Each new copy
@@ -98,6 +134,7 @@ class Storage:
             os.replace(partial, target)
         return target
 
+    @guarded
     def forget_deleted(self, parent: str) -> list[str]:
         """Remove the cached copies under `parent` whose folder is gone from the store; returns their keys.
         Copies still being made (no `.complete` yet) are left alone."""
@@ -111,13 +148,16 @@ class Storage:
             shutil.rmtree(self.cache_dir / key, ignore_errors=True)
         return gone
 
+    @guarded
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))
 
+    @guarded
     def size(self, key: str) -> int:
         path = self.path(key)
         return int(self.fs.du(path)) if self.fs.exists(path) else 0
 
+    @guarded
     def delete(self, key: str) -> None:
         path = self.path(key)
         if self.fs.exists(path):
@@ -125,6 +165,7 @@ class Storage:
         if self.cache_dir is not None:
             shutil.rmtree(self.cache_dir / key, ignore_errors=True)
 
+    @guarded
     def check(self) -> None:
         """Raise if the store cannot be written and read back (readiness)."""
         key = "tmp/.readyz"

@@ -395,6 +395,27 @@ def test_database_down_gives_503_and_stores_nothing(make_client, make_settings, 
     assert not uploads.exists() or not any(uploads.iterdir())
 
 
+def test_storage_down_gives_503_and_records_nothing(make_client, make_settings, clips, tmp_path):
+    """S3 unreachable (nothing listens on its port): submissions and downloads answer 503 naming the store,
+    no job is recorded; the details (the store's URL, the error) go to the log only."""
+    from app import jobs
+    from app.db import get_engine
+    from tests.service.conftest import free_port
+
+    settings = make_settings(storage_url="s3://tarq-down/prefix", s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
+                             s3_access_key_id="k", s3_secret_access_key="s", s3_region="us-east-1",
+                             database_url=f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    client = make_client(settings)
+    engine = get_engine(settings.database)
+    assert client.get("/readyz").json()["checks"]["storage"].startswith("error")
+    err = error_of(submit(client, clips[:1]), 503)
+    assert err["code"] == "storage_unavailable" and "artifact store" in err["message"]
+    assert "tarq-down" not in err["message"] and client.get("/v1/quantizations").json()["data"] == []
+    jobs.add_model(engine, id="m-1", job_id=None, owner="x", base_model="b", method="rtn", bits=4, group_size=128,
+                   size_bytes=1, info={})
+    assert error_of(client.get("/v1/models/m-1/files/config.json"), 503)["code"] == "storage_unavailable"
+
+
 def test_broker_down_gives_503_and_a_failed_job(make_client, make_settings, clips, tmp_path):
     from app import jobs
     from app.db import get_engine
