@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import jobs, redis_broker
+from app import jobs, logs, redis_broker
 from app.auth import check_key
 from app.ratelimit import RateLimiter, retry_after
 from app.schemas import ApiError, error_body
@@ -94,6 +94,8 @@ def reap_once(settings: Settings) -> list[tuple[str, str]]:
 
 
 def create_app() -> FastAPI:
+    logs.setup()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         settings = _settings_for(app)
@@ -157,6 +159,19 @@ def create_app() -> FastAPI:
         response = await call_next(request)
         route = request.scope.get("route")
         REQUESTS.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.middleware("http")
+    async def identify(request: Request, call_next):
+        """Name the request (X-Request-ID, in the response and the API's log lines); outermost, so that
+        the guard's refusals carry the id too."""
+        rid = logs.request_id(request.headers.get(logs.HEADER))
+        token = logs.REQUEST_ID.set(rid)
+        try:
+            response = await call_next(request)
+        finally:
+            logs.REQUEST_ID.reset(token)
+        response.headers[logs.HEADER] = rid
         return response
 
     @app.exception_handler(ApiError)

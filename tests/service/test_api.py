@@ -80,6 +80,20 @@ def test_hashed_keys_and_generated_key_file(make_client, make_settings, tmp_path
     assert make_client(fresh, key=key).get("/v1/models").status_code == 200
 
 
+def test_every_response_names_its_request(make_client, settings):
+    """X-Request-ID on every answer, refusals included: the client's own when plain and short, else a new one."""
+    import re
+
+    client = make_client(settings)
+    made = [client.get("/v1/models").headers["x-request-id"] for _ in range(3)]
+    assert len(set(made)) == 3 and all(re.fullmatch(r"req_[0-9a-f]{24}", i) for i in made), made
+    assert client.get("/v1/models", headers={"X-Request-ID": "trace-42.a:b"}).headers["x-request-id"] == "trace-42.a:b"
+    for odd in ("a b", "x" * 129, "<script>"):
+        assert client.get("/v1/models", headers={"X-Request-ID": odd}).headers["x-request-id"].startswith("req_")
+    assert make_client(settings, key=None).get("/v1/models").headers["x-request-id"].startswith("req_")  # 401
+    assert client.get("/v1/models/nope").headers["x-request-id"].startswith("req_")  # 404
+
+
 def test_metrics(client):
     response = client.get("/metrics")
     assert response.status_code == 200

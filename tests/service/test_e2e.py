@@ -4,6 +4,7 @@ clips, the tiny random Whisper; the transcription goes through the official open
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -245,7 +246,11 @@ def test_embedded_serve_end_to_end(tmp_path, subprocess_env, clips, clip_transcr
     finally:
         stop(proc)
         log.close()
-    assert "API key: in" in (tmp_path / "serve.log").read_text()
+    logged = (tmp_path / "serve.log").read_text()
+    assert "API key: in" in logged
+    # the API's own lines reach the log, each naming the request it served
+    assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO tarq.api \[req_[0-9a-f]{24}\] job [0-9a-f]{32} queued: rtn ",
+                     logged, re.MULTILINE), tail(tmp_path / "serve.log", 200)
 
 
 def test_redis_postgres_s3_with_separate_worker(tmp_path, subprocess_env, clips, clip_transcripts, pg_schema_url,
