@@ -1,5 +1,6 @@
-"""/v1/models: quantized models made by this server (OpenAI's list shape plus their metadata), and their
-files for download: each a Hugging Face folder that tarq, or transformers with compressed-tensors, loads."""
+"""/v1/models: the models this server quantized or was sent (OpenAI's list shape plus their metadata),
+uploads, and every model's files for download: each a Hugging Face folder that tarq, or transformers with
+compressed-tensors, loads."""
 from __future__ import annotations
 
 import json
