@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -15,6 +16,21 @@ from app.schemas import ApiError
 from app.settings import Settings, hash_key
 
 BEARER = "bearer "
+
+
+# (method, path) a `transcribe` key may use: the audio routes, and the model list and records (not
+# their files: weights are the valuable part)
+TRANSCRIBE_ROUTES = (("POST", re.compile(r"/v1/audio/(transcriptions|translations)/?")),
+                     ("GET", re.compile(r"/v1/models(/[^/]+)?/?")))
+
+
+def check_role(key_hash: str, method: str, path: str, settings: Settings) -> None:
+    """Raise ApiError(403) when the key's role does not cover the route."""
+    role = settings.key_roles().get(key_hash, "all")
+    if role == "all" or any(method == m and rx.fullmatch(path) for m, rx in TRANSCRIBE_ROUTES):
+        return
+    raise ApiError(403, f"this API key may only transcribe, translate and list models (role {role!r} in "
+                        f"TARQ_API_KEYS); {method} {path} needs a key without a role", code="insufficient_role")
 
 
 def check_key(authorization: str | None, settings: Settings) -> str:

@@ -19,6 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tarq.config import ComputeDtype, CpuBf16
 
 QUEUES = ("quantize", "transcribe")
+# what a key may do (TARQ_API_KEYS entry `<key>@<role>`): all (the default), or transcribe: the audio
+# routes and reading the model list, for the applications that only send audio
+KEY_ROLES = ("all", "transcribe")
 
 
 def default_data_dir() -> Path:
@@ -102,6 +105,17 @@ class Settings(BaseSettings):
                              "transcription beats that often")
         return self
 
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _known_roles(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",")):
+            if "@" in entry and entry.rpartition("@")[2] not in KEY_ROLES:
+                raise ValueError(f"TARQ_API_KEYS: role {entry.rpartition('@')[2]!r} is not one of "
+                                 f"{', '.join(KEY_ROLES)} (an entry is <key> or <key>@<role>)")
+            if entry.startswith("@") or entry.endswith("@"):
+                raise ValueError("TARQ_API_KEYS: an entry is <key> or <key>@<role>, with neither part empty")
+        return value
+
     @field_validator("data_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -168,10 +182,18 @@ class Settings(BaseSettings):
 
     def key_hashes(self) -> frozenset[str]:
         """sha256 of every accepted key: TARQ_API_KEYS if set, else the key `tarq serve` generated."""
+        return frozenset(self.key_roles())
+
+    def key_roles(self) -> dict[str, str]:
+        """sha256 of every accepted key -> its role: `all`, or what an entry's `@role` suffix says."""
         entries = [k.strip() for k in self.api_keys.split(",") if k.strip()]
         if not entries and self.api_key_file.is_file():
             entries = [self.api_key_file.read_text().strip()]
-        return frozenset(e[7:].lower() if e.startswith("sha256:") else hash_key(e) for e in entries if e)
+        roles = {}
+        for entry in entries:
+            key, _, role = entry.rpartition("@") if "@" in entry else (entry, "", "all")
+            roles[key[7:].lower() if key.startswith("sha256:") else hash_key(key)] = role
+        return roles
 
     def celery_config(self) -> dict:
         """The Celery settings the API (sender) and the worker (consumer) must agree on."""

@@ -58,6 +58,39 @@ def test_every_other_route_needs_a_valid_key(make_client, settings, method, path
     assert ("missing API key" if key is None else "invalid API key") in err["message"]
 
 
+def test_a_transcribe_key_only_transcribes_and_reads_the_model_list(make_client, make_settings, database_url,
+                                                                   clips):
+    """TARQ_API_KEYS entries `<key>@transcribe` (plain or sha256:) reach the audio routes and the model
+    records; everything else is 403 naming the role. The full key next to them is unaffected."""
+    import hashlib
+
+    hashed = hashlib.sha256(b"app-key-2").hexdigest()
+    settings = make_settings(database_url=database_url, api_keys=f"admin-key,app-key-1@transcribe,sha256:{hashed}@transcribe")
+    admin = make_client(settings, key="admin-key")
+    assert admin.post("/v1/models", files={"archive": ("m.txt", b"x", "text/plain")}).status_code == 415
+    for key in ("app-key-1", "app-key-2"):
+        app = make_client(settings, key=key)
+        assert app.get("/v1/models").status_code == 200
+        assert app.get("/v1/models/nope").status_code == 404
+        for route in ("transcriptions", "translations"):  # past the key check: the missing file is the problem
+            assert error_of(app.post(f"/v1/audio/{route}", data={"model": "tiny-whisper"}), 422)["param"] == "file"
+        for method, path in [("POST", "/v1/quantizations"), ("GET", "/v1/quantizations"),
+                             ("DELETE", "/v1/models/m"), ("POST", "/v1/models"), ("GET", "/v1/models/m/files"),
+                             ("GET", "/v1/models/m/archive"), ("GET", "/metrics")]:
+            err = error_of(app.request(method, path), 403)
+            assert err["type"] == "permission_error" and "'transcribe'" in err["message"], (method, path)
+    assert submit(admin, clips[:1]).status_code == 202
+
+
+@pytest.mark.parametrize("keys,words", [("a@admin", "role 'admin' is not one of all, transcribe"),
+                                        ("a@", "role '' is not one of"), ("@transcribe", "neither part empty")])
+def test_a_key_with_an_unknown_role_stops_the_settings(make_settings, keys, words):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=words):
+        make_settings(api_keys=keys)
+
+
 def test_a_server_without_keys_refuses_everything(make_client, make_settings, tmp_path):
     client = make_client(make_settings(api_keys="", database_url=f"sqlite:///{tmp_path}/x.sqlite"))
     err = error_of(client.get("/v1/models"), 401)
