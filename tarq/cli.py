@@ -1,4 +1,4 @@
-"""The `tarq` command line: quantize, transcribe, eval, models, serve, worker.
+"""The `tarq` command line: quantize, transcribe, eval, models, serve, worker, remote.
 
 Errors a user can cause print one line and exit non-zero; tracebacks are for bugs."""
 from __future__ import annotations
@@ -120,6 +120,7 @@ def _check_device(device: str) -> str:
 
 def _register() -> None:
     from .cli_models import models
+    from .cli_remote import remote
     from .cli_serve import serve, worker
     from .cli_transcribe import eval_command, transcribe
 
@@ -128,6 +129,7 @@ def _register() -> None:
     main.add_command(models)
     main.add_command(serve)
     main.add_command(worker)
+    main.add_command(remote)
 
 
 _register()

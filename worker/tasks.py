@@ -124,8 +124,8 @@ def quantize(self, job_id: str) -> dict:
         eval_dir = storage().get_dir(f"uploads/{job_id}/eval", scratch / "eval") if "eval" in files else None
         from tarq.pipeline import quantize_model
 
-        model_id = jobs.new_model_id(job["source_model"], config.method, config.bits, config.group_size)
         source, name = source_files(engine, job["source_model"])
+        model_id = jobs.new_model_id(name, config.method, config.bits, config.group_size)
         out = quantize_model(source, calib, scratch / "artifact", config, device=device(), progress=on_progress,
                              should_stop=should_stop, eval_dir=eval_dir, base_model=name)
         if should_stop():
