@@ -224,7 +224,10 @@ def stage_uploads(folder: Path, budget: Budget, files: list, archive, files_fiel
         scratch = folder.parent / f".{folder.name}-archive"
         scratch.mkdir(exist_ok=True)
         try:
-            copy_limited(archive.file, scratch / arch_name, arch_name, budget)
+            # the archive itself is held to the per-file limit while it is read, but the total counts what
+            # comes out of it: counted both ways, a 6 GB model in a 6 GB tar would need a 12 GB limit
+            size = copy_limited(archive.file, scratch / arch_name, arch_name, budget)
+            budget.total -= size
             for member in extract_archive(scratch / arch_name, arch_name, folder, budget, param=archive_field):
                 if member in names:
                     raise ApiError(422, f"file name {member!r} appears both in {archive_field!r} and "

@@ -125,6 +125,18 @@ def test_a_model_over_the_model_limit_is_413(make_client, make_settings, tiny_wh
     assert client.post("/v1/models", files=as_fields(folder_files(tiny_whisper_dir))).status_code == 201
 
 
+def test_an_archive_counts_once_against_the_model_limit(make_client, make_settings, tiny_whisper_dir):
+    """The limit bounds the model: a tar a little under it passes (its bytes are not counted twice, as the
+    archive and as what comes out of it), one over it is 413."""
+    members = {f"m/{name}": data for name, data in folder_files(tiny_whisper_dir).items()}
+    blob = make_tar_gz(members)
+    size = sum(map(len, members.values()))
+    for limit, status in ((int(size * 1.1), 201), (size - 1, 413)):
+        client = make_client(make_settings(max_model_bytes=limit))
+        got = client.post("/v1/models", files={"archive": ("m.tar.gz", blob, "application/gzip")})
+        assert got.status_code == status, (limit, got.text)
+
+
 def test_quantizing_an_uploaded_model_and_deleting_it_while_it_is_used(client, clips, tiny_whisper_dir):
     model = client.post("/v1/models", files=as_fields(folder_files(tiny_whisper_dir))).json()["id"]
     job = submit(client, clips[:1], model=model, method="gptq")
