@@ -39,6 +39,7 @@ class Remote:
     def check(self, response) -> None:
         if response.status_code < 400:
             return
+        response.read()  # a streamed answer has not read its body yet
         try:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):

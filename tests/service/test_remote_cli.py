@@ -64,3 +64,18 @@ def test_refusals_are_one_line_with_the_servers_reason(server, subprocess_env, t
     nobody = remote(dict(subprocess_env, TARQ_API_KEY=key), "quantize", "tiny-whisper", "--server",
                     f"http://127.0.0.1:{free_port()}", "--method", "rtn")
     assert nobody.returncode == 1 and "cannot reach" in nobody.stderr and "Traceback" not in nobody.stderr
+
+
+def test_a_streamed_refusal_reads_as_one_line(server, tmp_path):
+    """Following or downloading what the server does not have: its 404 message, not httpx's ResponseNotRead."""
+    import click
+    from tqdm import tqdm
+
+    from tarq.cli_remote import Remote
+
+    url, key = server
+    api = Remote(url, key)
+    with pytest.raises(click.ClickException, match="server said 404: no quantization job with id 'nope'"), tqdm(disable=True) as bar:
+        api.follow("nope", bar)
+    with pytest.raises(click.ClickException, match="server said 404: no model with id 'nope'"):
+        api.download("nope", tmp_path / "out")
