@@ -24,19 +24,12 @@ TRANSCRIBE_ROUTES = (("POST", re.compile(r"/v1/audio/(transcriptions|translation
                      ("GET", re.compile(r"/v1/models(/[^/]+)?/?")))
 
 
-def check_role(key_hash: str, method: str, path: str, settings: Settings) -> None:
-    """Raise ApiError(403) when the key's role does not cover the route."""
-    role = settings.key_roles().get(key_hash, "all")
-    if role == "all" or any(method == m and rx.fullmatch(path) for m, rx in TRANSCRIBE_ROUTES):
-        return
-    raise ApiError(403, f"this API key may only transcribe, translate and list models (role {role!r} in "
-                        f"TARQ_API_KEYS); {method} {path} needs a key without a role", code="insufficient_role")
-
-
-def check_key(authorization: str | None, settings: Settings) -> str:
-    """Return the sha256 of the presented key if it is valid; raise ApiError(401) otherwise."""
-    hashes = settings.key_hashes()
-    if not hashes:
+def check_key(authorization: str | None, settings: Settings, method: str | None = None,
+              path: str | None = None) -> str:
+    """Return the sha256 of the presented key if it is valid; raise ApiError(401) otherwise. Given the
+    route (`method`, `path`), also raise ApiError(403) when the key's role does not cover it."""
+    roles = settings.key_roles()
+    if not roles:
         raise ApiError(401, "this server has no API key configured; set TARQ_API_KEYS or start it with "
                             "`tarq serve`, which writes one to <data dir>/api_key", code="no_api_key")
     if not authorization or not authorization.lower().startswith(BEARER):
@@ -44,11 +37,15 @@ def check_key(authorization: str | None, settings: Settings) -> str:
                        code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
     presented = hash_key(authorization[len(BEARER):].strip())
     match = False
-    for known in hashes:  # no early exit: the time taken does not depend on which key matched
+    for known in roles:  # no early exit: the time taken does not depend on which key matched
         match |= hmac.compare_digest(presented, known)
     if not match:
         raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return presented
+    role = roles[presented]
+    if method is None or role == "all" or any(method == m and rx.fullmatch(path) for m, rx in TRANSCRIBE_ROUTES):
+        return presented
+    raise ApiError(403, f"this API key may only transcribe, translate and list models (role {role!r} in "
+                        f"TARQ_API_KEYS); {method} {path} needs a key without a role", code="insufficient_role")
 
 
 def ensure_api_key(settings: Settings) -> Path | None:

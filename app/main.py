@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import jobs, logs, redis_broker
-from app.auth import check_key, check_role
+from app.auth import check_key
 from app.ratelimit import RateLimiter, retry_after
 from app.schemas import ApiError, error_body
 from app.settings import Settings, get_settings
@@ -140,8 +140,7 @@ def create_app() -> FastAPI:
         if path not in OPEN_PATHS:
             settings = _settings_for(app)
             try:
-                key_hash = check_key(request.headers.get("authorization"), settings)
-                check_role(key_hash, request.method, path, settings)
+                key_hash = check_key(request.headers.get("authorization"), settings, request.method, path)
             except ApiError as err:
                 return error_response(err.status, err.message, type=err.type, code=err.code, headers=err.headers)
             if request.method == "POST" and path.rstrip("/") in ("/v1/quantizations", "/v1/models"):
