@@ -21,6 +21,8 @@ from app.settings import Settings
 CHUNK = 1 << 20
 TRANSCRIPTS = "transcripts.tsv"
 _SAFE = re.compile(r"[^\w.\- ]")
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+ARCHIVE_SUFFIXES = (".zip", *TAR_SUFFIXES)  # the names an archive upload may have
 
 
 def audio_extensions() -> frozenset[str]:
@@ -138,7 +140,7 @@ def _archive_kind(name: str, head: bytes, param: str) -> str:
     lower = name.lower()
     if lower.endswith(".zip") or head.startswith(b"PK\x03\x04"):
         return "zip"
-    if lower.endswith((".tar.gz", ".tgz", ".tar")) or head.startswith(b"\x1f\x8b"):
+    if lower.endswith(TAR_SUFFIXES) or head.startswith(b"\x1f\x8b"):
         return "tar"
     raise ApiError(415, f"archive {name!r} is neither a zip nor a tar.gz", param=param, code="bad_archive")
 

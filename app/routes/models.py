@@ -13,9 +13,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app import downloads, jobs
 from app.deps import EngineDep, KeyDep, SettingsDep, StorageDep
 from app.schemas import ERROR_RESPONSES, ApiError, Deleted, ModelFileList, ModelList, ModelPublic
-from app.uploads import Budget, stage_model
+from app.uploads import ARCHIVE_SUFFIXES, Budget, stage_model
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
