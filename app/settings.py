@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 120.0  # a running job whose heartbeat is older is presumed lost
     max_attempts: int = 3
+    # a job whose worker could not reach the artifact store is queued again after this long, doubled at
+    # each attempt (at most half of stale_after_seconds, so the reaper does not take the wait for a loss)
+    storage_retry_seconds: float = Field(default=30.0, gt=0)
     quantize_time_limit: int = 6 * 3600
     transcribe_time_limit: int = 600
     transcribe_wait_seconds: float = 600.0

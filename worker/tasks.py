@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from app import jobs
 from app.db import get_engine
 from app.settings import get_settings
-from app.storage import storage_from_settings
+from app.storage import StorageUnavailable, storage_from_settings
 from worker.celery_app import app
 
 log = logging.getLogger("tarq.worker")
@@ -116,6 +116,7 @@ def quantize(self, job_id: str) -> dict:
         return beat.stop_requested.is_set()
 
     status, fields = jobs.FAILED, {}
+    model_id = None
     try:
         config = QuantConfig.from_dict(job["config"])
         files = job["files"] or {}
@@ -139,6 +140,14 @@ def quantize(self, job_id: str) -> dict:
         status, fields = jobs.SUCCEEDED, {"model_id": model_id, "fraction": 1.0, "stage": "done"}
     except Cancelled as err:
         status, fields = jobs.CANCELLED, {"error": str(err) or "cancelled by request"}
+    except StorageUnavailable as err:
+        log.warning("job %s: %s", job_id, err)  # the store's address stays in the log
+        if model_id is not None:
+            _forget_partial(f"artifacts/{model_id}")
+        if should_stop():
+            status, fields = jobs.CANCELLED, {"error": "cancelled by request"}
+        else:
+            status, fields = storage_retry(job, settings)
     except TarqError as err:
         status, fields = jobs.FAILED, {"error": _out_of_memory(err) or str(err)}
     except SoftTimeLimitExceeded:
@@ -165,9 +174,50 @@ def quantize(self, job_id: str) -> dict:
     except jobs.IllegalTransition as err:
         log.warning("job %s: %s", job_id, err)  # the reaper or a cancel got there first
         return {"job": job_id, "status": jobs.get_job(engine, job_id)["status"]}
-    storage().delete(f"uploads/{job_id}")  # a finished job needs its uploads no more
+    if status == jobs.QUEUED:
+        _send_again(job_id, storage_retry_delay(job["attempts"], settings))
+        return {"job": job_id, "status": status}
+    _forget_partial(f"uploads/{job_id}")  # a finished job needs its uploads no more
     log.info("job %s %s", job_id, status)
     return {"job": job_id, "status": status}
+
+
+def storage_retry_delay(attempts: int, settings) -> float:
+    """Seconds before the next attempt of a job whose worker could not reach the artifact store, after
+    `attempts` attempts: TARQ_STORAGE_RETRY_SECONDS doubled each time, at most half of
+    TARQ_STALE_AFTER_SECONDS (a job queued longer with its message held looks lost to the reaper)."""
+    return min(settings.storage_retry_seconds * 2 ** max(attempts - 1, 0), settings.stale_after_seconds / 2)
+
+
+def storage_retry(job: dict, settings) -> tuple[str, dict]:
+    """What a job becomes when the artifact store could not be reached: queued again while attempts
+    remain (an outage is not the job's fault), else failed with the reason."""
+    attempts = job["attempts"]
+    if attempts >= settings.max_attempts:
+        return jobs.FAILED, {"error": f"the artifact store was unavailable in all {attempts} attempts "
+                                      "(TARQ_MAX_ATTEMPTS); the worker's log has the details"}
+    delay = storage_retry_delay(attempts, settings)
+    return jobs.QUEUED, {"worker": None, "error": f"the artifact store was unavailable (attempt {attempts} of "
+                                                  f"{settings.max_attempts}); trying again in {delay:g} s"}
+
+
+def _send_again(job_id: str, delay: float) -> None:
+    from app.routes.quantizations import send_quantize
+
+    try:
+        send_quantize(app, job_id, countdown=delay)
+        log.warning("job %s: artifact store unavailable; sent again to start in %g s", job_id, delay)
+    except Exception as err:  # noqa: BLE001 -- queued with no message: the reaper or a starting worker sends it
+        log.error("job %s: could not send it again: %s", job_id, err)
+
+
+def _forget_partial(key: str) -> None:
+    """Delete what a job left in the store; a store still down leaves it (logged), the job's state is
+    already recorded."""
+    try:
+        storage().delete(key)
+    except StorageUnavailable as err:
+        log.warning("could not delete %s: %s", key, err)
 
 
 def _out_of_memory(err: BaseException) -> str | None:
@@ -320,5 +370,7 @@ def _transcribe(payload: dict, settings) -> dict:
                 "seconds": seconds}
     except TarqError as err:
         return {"error": {"type": type(err).__name__, "message": str(err)}}
+    except StorageUnavailable as err:  # the API answers 503, as when it cannot reach the store itself
+        return {"error": {"type": "StorageUnavailable", "message": str(err)}}
     except FileNotFoundError as err:
         return {"error": {"type": "ModelError", "message": f"model files not found: {err}"}}

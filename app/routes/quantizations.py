@@ -24,11 +24,11 @@ router = APIRouter(prefix="/v1/quantizations", tags=["quantizations"], responses
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
-def send_quantize(celery, job_id: str) -> None:
+def send_quantize(celery, job_id: str, countdown: float | None = None) -> None:
     # The SQL record is the job's result: nothing to wait for in the result backend, and a fast failure
     # (503) when the broker is down rather than minutes of reconnecting.
     celery.send_task("tarq.quantize", args=[job_id], queue="quantize", ignore_result=True,
-                     retry_policy=PUBLISH_RETRY)
+                     retry_policy=PUBLISH_RETRY, countdown=countdown)
 
 
 def uploaded_model(engine, model: str) -> str | None:

@@ -23,6 +23,7 @@ from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
 from app.routes.quantizations import PUBLISH_RETRY
 from app.schemas import ERROR_RESPONSES, ApiError
 from app.settings import Settings
+from app.storage import StorageUnavailable
 from app.uploads import Budget, check_audio, check_model_source, copy_limited, safe_name
 
 log = logging.getLogger("tarq.api")
@@ -56,6 +57,17 @@ def server_timing(worker: dict, waited: float) -> str:
     parts = {k: float(worker[k]) for k in ("model", "audio", "transcribe") if isinstance(worker.get(k), (int, float))}
     parts["queue"] = max(0.0, waited - sum(parts.values()))
     return ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in parts.items())
+
+
+def worker_error(err: dict, task: str) -> Exception:
+    """What the API raises for the error a worker answered with: the user's mistakes are 422 naming the
+    field, a store the worker could not reach is the same 503 as the API's own (its address only logged)."""
+    kind, message = err.get("type"), err.get("message") or f"{task} failed"
+    if kind == "StorageUnavailable":
+        return StorageUnavailable(f"in the worker: {message}")
+    if kind in ("AudioError", "ModelError", "CalibrationError"):
+        return ApiError(422, message, param="model" if kind == "ModelError" else "file", code=kind)
+    return ApiError(500, message, code=kind)
 
 
 ANSWERS = {200: {"content": {"application/json": {}, "text/plain": {}}}}
@@ -168,10 +180,7 @@ def respond(settings: Settings, engine, storage, celery, *, file: UploadFile, mo
     for kernel, calls in kernels.items():
         KERNEL_CALLS.labels(kernel=kernel).inc(calls)
     if "error" in answer:
-        err = answer["error"]
-        status = 422 if err.get("type") in ("AudioError", "ModelError", "CalibrationError") else 500
-        param = ("model" if err.get("type") == "ModelError" else "file") if status == 422 else None
-        raise ApiError(status, err.get("message", f"{task} failed"), param=param, code=err.get("type"))
+        raise worker_error(answer["error"], task)
     body, media = render(Transcript.from_dict(answer["transcript"]), response_format, granularities=granularities)
     headers = {}
     if kernels:  # an RFC 8941 dictionary: the paths are lower-case tokens

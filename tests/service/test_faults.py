@@ -531,3 +531,56 @@ def _children_of(pid: int) -> list[int]:
 def _alive(pid: int) -> bool:
     state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
     return bool(state) and not state.startswith("Z")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_a_worker_that_cannot_reach_the_store_requeues_jobs_and_answers_503(started, tmp_path, subprocess_env,
+                                                                           s3_server, clips, tone_wav):
+    """The API reaches S3 (moto on loopback), the worker does not (its endpoint is a port nothing listens
+    on). A transcription answers 503 storage_unavailable without the store's address. A job goes back to
+    `queued`, saying why, and is sent again after TARQ_STORAGE_RETRY_SECONDS; when its attempts run out it
+    fails with the reason. A job whose worker is replaced by one that reaches the store runs on its next
+    attempt with its calibration clips still there."""
+    endpoint, bucket = s3_server
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis_port = free_port()
+    started.redis(redis_port, redis_dir)
+    key = "store-key"
+    env = dict(subprocess_env, TARQ_API_KEYS=key, TARQ_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
+               TARQ_STORAGE_URL=f"s3://{bucket}/tarq", TARQ_S3_ENDPOINT_URL=endpoint,
+               TARQ_S3_ACCESS_KEY_ID="testing", TARQ_S3_SECRET_ACCESS_KEY="testing", TARQ_S3_REGION="us-east-1",
+               TARQ_MAX_ATTEMPTS="2", TARQ_STORAGE_RETRY_SECONDS="4", TARQ_STALE_AFTER_SECONDS="20")
+    dead = f"http://127.0.0.1:{free_port()}"
+    port = free_port()
+    started.api(env, port)
+    cut_off = started.start(tarq_command("worker", "-c", "1"), dict(env, TARQ_S3_ENDPOINT_URL=dead), "worker-cut-off",
+                            kind="worker")
+    status = lambda client, job_id: client.get(f"/v1/quantizations/{job_id}").json()  # noqa: E731
+    with _client(port, key) as client:
+        clip = tone_wav(tmp_path / "tone.wav", 1.0)
+        answered = client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper"},
+                               files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, timeout=200)
+        assert answered.status_code == 503, answered.text
+        err = answered.json()["error"]
+        assert err["code"] == "storage_unavailable" and dead.rsplit(":", 1)[1] not in err["message"], err
+
+        lost = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn"}).json()["id"]
+        job = _wait_for(lambda: (j := status(client, lost))["attempts"] == 1 and j["status"] == "queued" and j,
+                        120, "the job queued again")
+        assert job["error"] == "the artifact store was unavailable (attempt 1 of 2); trying again in 4 s", job
+        job, _ = follow(client, lost, timeout=120)
+        assert job["status"] == "failed" and job["attempts"] == 2, job
+        assert job["error"].startswith("the artifact store was unavailable in all 2 attempts"), job
+        assert job["model"] is None and client.get("/v1/models").json()["data"] == []
+
+        kept = client.post("/v1/quantizations", files=_files(clips[:2], None),
+                           data={"model": "tiny-whisper", "method": "gptq", "num_samples": "2"}).json()["id"]
+        _wait_for(lambda: status(client, kept)["attempts"] == 1 and status(client, kept)["status"] == "queued", 120,
+                  "the second job queued again")
+        _stop_group(cut_off)  # before its retry: the message it held for later goes back to Redis
+        started.worker(env)
+        job, _ = follow(client, kept, timeout=300)
+        assert job["status"] == "succeeded" and job["attempts"] == 2 and job["error"] is None, job
+        assert job["model"] in [m["id"] for m in client.get("/v1/models").json()["data"]]

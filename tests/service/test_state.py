@@ -65,6 +65,25 @@ def test_reaper_requeues_then_fails_lost_jobs(engine):
     assert failed["status"] == jobs.FAILED and "worker lost" in failed["error"]
 
 
+def test_a_store_outage_requeues_with_a_growing_wait_then_fails(engine, make_settings):
+    """worker.tasks.storage_retry on a claimed job: queued again (no worker, the reason and the wait in its
+    error) while attempts remain, failed after; the wait doubles, capped at half the stale window."""
+    from worker.tasks import storage_retry, storage_retry_delay
+
+    settings = make_settings(max_attempts=3, storage_retry_seconds=30.0, stale_after_seconds=100.0)
+    assert [storage_retry_delay(n, settings) for n in (1, 2, 3, 4)] == [30.0, 50.0, 50.0, 50.0]
+    job = new_job(engine)
+    for attempt in (1, 2):
+        claimed = jobs.claim(engine, job["id"], f"w{attempt}", 60)
+        status, fields = storage_retry(claimed, settings)
+        assert status == jobs.QUEUED and fields["worker"] is None
+        assert f"(attempt {attempt} of 3)" in fields["error"]
+        jobs.transition(engine, job["id"], status, **fields)
+    assert "trying again in 50 s" in jobs.get_job(engine, job["id"])["error"]
+    status, fields = storage_retry(jobs.claim(engine, job["id"], "w3", 60), settings)
+    assert status == jobs.FAILED and "in all 3 attempts" in fields["error"]
+
+
 def test_redelivered_message_takes_over_a_stale_job(engine):
     job = new_job(engine)
     jobs.claim(engine, job["id"], "dead", 60)
