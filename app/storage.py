@@ -65,19 +65,21 @@ class Storage:
         self.fs.pipe_file(path, data)
 
     @guarded
-    def put_file(self, local: Path, key: str) -> None:
+    def put_file(self, local: Path, key: str, move: bool = False) -> None:
+        """Store a local file; with `move` the caller gives it up, and a local store takes it by a rename
+        where it can (staging and store on one disk: no second copy of a model's gigabytes)."""
         path = self.path(key)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            shutil.copyfile(local, path)
+            shutil.move(local, path) if move else shutil.copyfile(local, path)
         else:
             self.fs.put_file(str(local), path)
 
     @guarded
-    def put_dir(self, local: Path, key: str) -> None:
+    def put_dir(self, local: Path, key: str, move: bool = False) -> None:
         for file in sorted(Path(local).rglob("*")):
             if file.is_file():
-                self.put_file(file, f"{key}/{file.relative_to(local).as_posix()}")
+                self.put_file(file, f"{key}/{file.relative_to(local).as_posix()}", move=move)
 
     @guarded
     def get_bytes(self, key: str) -> bytes:

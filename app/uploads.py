@@ -7,8 +7,8 @@ can escape), and every clip must decode. A refusal is an ApiError naming the fil
 """
 from __future__ import annotations
 
+import os
 import re
-import shutil
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
@@ -157,13 +157,18 @@ def _member_name(raw: str, archive: str, param: str) -> str | None:
     return _SAFE.sub("_", parts[-1])[:200]
 
 
-def extract_archive(src: Path, name: str, dest: Path, budget: Budget, param: str = "archive") -> list[str]:
-    """Read a zip/tar(.gz) member by member into dest (flat). Returns the names written."""
+def extract_archive(src: BinaryIO, name: str, dest: Path, budget: Budget, param: str = "archive") -> list[str]:
+    """Read a zip/tar(.gz) (a seekable file, read from its start) member by member into dest (flat). The
+    archive is held to the per-file limit; the total counts what comes out of it (counted both ways, a 6 GB
+    model in a 6 GB tar would need a 12 GB limit). Returns the names written."""
     settings = budget.settings
-    with open(src, "rb") as f:
-        kind = _archive_kind(name, f.read(4), param)
+    size = src.seek(0, os.SEEK_END)
+    budget.add_bytes(name, size, 0)
+    src.seek(0)
+    kind = _archive_kind(name, src.read(4), param)
+    src.seek(0)
     written: list[str] = []
-    ratio_total = max(src.stat().st_size, 1) * settings.max_archive_ratio
+    ratio_total = max(size, 1) * settings.max_archive_ratio
 
     def take(member_name: str, stream: BinaryIO, limit: int) -> None:
         if member_name in written:
@@ -187,7 +192,7 @@ def extract_archive(src: Path, name: str, dest: Path, budget: Budget, param: str
                     with zf.open(info) as stream:
                         take(member, stream, limit)
         else:
-            with tarfile.open(src, mode="r:*") as tf:
+            with tarfile.open(fileobj=src, mode="r:*") as tf:
                 for info in tf:  # streaming: one member at a time
                     member = _member_name(info.name, name, param)
                     if info.isdir() or member is None:
@@ -223,21 +228,13 @@ def stage_uploads(folder: Path, budget: Budget, files: list, archive, files_fiel
         names.append(name)
     if archive is not None:
         arch_name = safe_name(archive.filename, archive_field)
-        scratch = folder.parent / f".{folder.name}-archive"
-        scratch.mkdir(exist_ok=True)
-        try:
-            # the archive itself is held to the per-file limit while it is read, but the total counts what
-            # comes out of it: counted both ways, a 6 GB model in a 6 GB tar would need a 12 GB limit
-            size = copy_limited(archive.file, scratch / arch_name, arch_name, budget)
-            budget.total -= size
-            for member in extract_archive(scratch / arch_name, arch_name, folder, budget, param=archive_field):
-                if member in names:
-                    raise ApiError(422, f"file name {member!r} appears both in {archive_field!r} and "
-                                        f"{files_field!r}", param=archive_field, code="duplicate_name")
-                names.append(member)
-                from_archive.add(member)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        # read where the multipart parser spooled it: a copy would need the archive's size again in disk
+        for member in extract_archive(archive.file, arch_name, folder, budget, param=archive_field):
+            if member in names:
+                raise ApiError(422, f"file name {member!r} appears both in {archive_field!r} and "
+                                    f"{files_field!r}", param=archive_field, code="duplicate_name")
+            names.append(member)
+            from_archive.add(member)
     return names, from_archive
 
 

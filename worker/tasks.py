@@ -131,9 +131,9 @@ def quantize(self, job_id: str) -> dict:
                              should_stop=should_stop, eval_dir=eval_dir, base_model=name)
         if should_stop():
             raise Cancelled("cancelled by request")
-        storage().put_dir(Path(out), f"artifacts/{model_id}")
         info = _artifact_info(Path(out))
         info.pop("path", None)  # the scratch folder, gone after this task
+        storage().put_dir(Path(out), f"artifacts/{model_id}", move=True)
         jobs.add_model(engine, id=model_id, job_id=job_id, owner=job["owner"], base_model=job["source_model"],
                        method=config.method, bits=config.bits, group_size=config.group_size,
                        size_bytes=storage().size(f"artifacts/{model_id}"), info=_jsonable(info))

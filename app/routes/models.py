@@ -45,7 +45,7 @@ def upload_model(
     try:
         kept = stage_model(staging, Budget.for_model(settings), files=files or [], archive=archive, shown=label)
         record = _describe(staging, label, kept, "archive" if archive is not None and not files else "files")
-        storage.put_dir(staging, f"artifacts/{model_id}")
+        storage.put_dir(staging, f"artifacts/{model_id}", move=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     try:

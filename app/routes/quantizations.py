@@ -119,7 +119,7 @@ def create_quantization(
             summary["eval"] = ev.summary()
         for part in ("calibration", "eval"):
             if part in summary:
-                storage.put_dir(staging / part, f"uploads/{job_id}/{part}")
+                storage.put_dir(staging / part, f"uploads/{job_id}/{part}", move=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

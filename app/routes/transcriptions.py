@@ -139,7 +139,7 @@ def respond(settings: Settings, engine, storage, celery, *, file: UploadFile, mo
     try:
         copy_limited(file.file, staging / name, name, Budget(settings))
         check_audio(staging / name, name, settings, "file")
-        storage.put_file(staging / name, key)
+        storage.put_file(staging / name, key, move=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

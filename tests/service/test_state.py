@@ -118,6 +118,15 @@ def check_storage(storage, tmp_path):
     storage.check()
     storage.delete("artifacts/m1")
     assert not storage.exists("artifacts/m1")
+    # a folder given up (move=True): stored all the same; a local store took the files themselves
+    (tmp_path / "given" / "sub").mkdir(parents=True)
+    (tmp_path / "given" / "sub" / "w.safetensors").write_bytes(b"v" * 7)
+    inode = (tmp_path / "given" / "sub" / "w.safetensors").stat().st_ino
+    storage.put_dir(tmp_path / "given", "artifacts/m2", move=True)
+    assert storage.get_bytes("artifacts/m2/sub/w.safetensors") == b"v" * 7
+    if storage.local:
+        assert not (tmp_path / "given" / "sub" / "w.safetensors").exists()
+        assert (storage.local_dir("artifacts/m2") / "sub" / "w.safetensors").stat().st_ino == inode  # no copy
     with pytest.raises(ValueError):
         storage.path("../etc/passwd")
 
