@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +25,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 
 metadata = MetaData()
@@ -69,7 +72,13 @@ models = Table(
     Column("size_bytes", Integer, nullable=False, default=0),
     Column("info", JSON, nullable=False),  # tarq.artifact_info.artifact_info(): metrics, report summary
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("idempotency_key", String(200)),  # of the upload that made it (POST /v1/models)
+    UniqueConstraint("owner", "idempotency_key", name="uq_tarq_models_owner_idem"),
 )
+# The revision app/migrations brings a database to, which the tables above describe; a change to them is a
+# new revision there (tests/service/test_migrations.py checks that the two agree).
+HEAD = "0002"
+FIRST = "0001"  # the schema create_all made before migrations existed
 
 _engines: dict[tuple[int, str], Engine] = {}
 _lock = threading.Lock()
@@ -96,13 +105,53 @@ def get_engine(url: str) -> Engine:
             else:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
                                        connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {})
-            try:
-                metadata.create_all(engine)
-            except Exception:
-                # another process may have created the tables at the same moment; one retry settles it
-                metadata.create_all(engine)
+            migrate(engine)
             _engines[key] = engine
         return engine
+
+
+def _alembic_config(connection):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "app:migrations")
+    config.attributes["connection"] = connection
+    return config
+
+
+@contextmanager
+def _migration_lock(engine: Engine):
+    """One process at a time brings a database up to date: the API and its workers start together. A
+    file lock beside a SQLite file (all its users are on one host); PostgreSQL's advisory lock is taken
+    inside the migration's transaction instead."""
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(f"{database}.migrate.lock", timeout=120):
+        yield
+
+
+def migrate(engine: Engine) -> str:
+    """Create the tables or bring them to HEAD with app/migrations (Alembic), in one transaction; a
+    database made before migrations existed is recognised (tables, no alembic_version) and taken from
+    FIRST. Returns the revision it was at ("" for an empty database)."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    with _migration_lock(engine), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(7236512)"))  # 'tarq' in a number: any constant
+        config = _alembic_config(conn)
+        tables = set(inspect(conn).get_table_names())
+        if "tarq_jobs" in tables and "alembic_version" not in tables:
+            command.stamp(config, FIRST)
+        before = MigrationContext.configure(conn).get_current_revision() or ""
+        if before != HEAD:
+            command.upgrade(config, "head")
+        return before
 
 
 def dispose_engines() -> None:

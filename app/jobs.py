@@ -111,10 +111,15 @@ def create_job(
     return get_job(engine, values["id"]), True
 
 
-def find_by_idempotency_key(engine: Engine, owner: str, key: str) -> dict | None:
+def find_by_idempotency_key(engine: Engine, owner: str, key: str, table=jobs) -> dict | None:
+    """The job this owner submitted with this key (with table=models: the model it uploaded)."""
     with engine.connect() as conn:
-        row = conn.execute(select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key)).first()
+        row = conn.execute(select(table).where(table.c.owner == owner, table.c.idempotency_key == key)).first()
     return _row(row) if row else None
+
+
+def find_upload_by_idempotency_key(engine: Engine, owner: str, key: str) -> dict | None:
+    return find_by_idempotency_key(engine, owner, key, table=models)
 
 
 def get_job(engine: Engine, job_id: str) -> dict:

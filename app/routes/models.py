@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
 
 from app import downloads, jobs
 from app.deps import EngineDep, KeyDep, SettingsDep, StorageDep
@@ -35,10 +36,14 @@ def upload_model(
                                                                      "name); the id is made from it")] = None,
     files: Annotated[list[UploadFile] | None, File(description="the model folder's files")] = None,
     archive: Annotated[UploadFile | None, File(description="the model folder as zip, tar or tar.gz")] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ):
     """Upload a Whisper model folder (say, a fine-tuned one) as it is: safetensors weights, config,
     processor and tokenizer files. 201 with its id, which a quantization or a transcription then names
-    as its `model`."""
+    as its `model`; 200 with the model an earlier upload with the same `Idempotency-Key` made (a client
+    retrying after a lost answer gets one model, not two)."""
+    if idempotency_key and (earlier := jobs.find_upload_by_idempotency_key(engine, owner, idempotency_key)):
+        return JSONResponse(jobs.public_model(earlier), status_code=200)
     label = ((name or "").strip() or _archive_stem(archive) or "model")[:200]
     model_id = jobs.new_upload_id(label)
     staging = settings.data_dir / "staging" / model_id
@@ -49,10 +54,14 @@ def upload_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     try:
-        model = jobs.add_model(engine, id=model_id, job_id=None, owner=owner,
+        model = jobs.add_model(engine, id=model_id, job_id=None, owner=owner, idempotency_key=idempotency_key or None,
                                size_bytes=storage.size(f"artifacts/{model_id}"), **record)
-    except Exception:
+    except Exception as err:
         storage.delete(f"artifacts/{model_id}")
+        # a concurrent upload with the same key won the insert
+        if (idempotency_key and isinstance(err, IntegrityError)
+                and (earlier := jobs.find_upload_by_idempotency_key(engine, owner, idempotency_key))):
+            return JSONResponse(jobs.public_model(earlier), status_code=200)
         raise
     return JSONResponse(jobs.public_model(model), status_code=201)
 

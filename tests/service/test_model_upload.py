@@ -62,6 +62,40 @@ def test_a_folder_uploaded_as_files_becomes_a_model(client, tiny_whisper_dir):
     assert got.content == sent["model.safetensors"]
 
 
+def test_an_upload_repeated_with_its_idempotency_key_makes_one_model(client, settings, tiny_whisper_dir):
+    """A client that lost the answer sends the upload again with the same key: 200 with the first model,
+    nothing stored twice. Another key is another model; so is the same key after the model is deleted."""
+    fields = as_fields(folder_files(tiny_whisper_dir))
+    first = client.post("/v1/models", files=fields, headers={"Idempotency-Key": "up-1"})
+    assert first.status_code == 201, first.text
+    again = client.post("/v1/models", files=fields, headers={"Idempotency-Key": "up-1"})
+    assert again.status_code == 200 and again.json() == first.json()
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [first.json()["id"]]
+    assert len(list((settings.data_dir / "storage" / "artifacts").iterdir())) == 1
+    other = client.post("/v1/models", files=fields, headers={"Idempotency-Key": "up-2"})
+    assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+    assert client.delete(f"/v1/models/{first.json()['id']}").status_code == 200
+    anew = client.post("/v1/models", files=fields, headers={"Idempotency-Key": "up-1"})
+    assert anew.status_code == 201 and anew.json()["id"] not in (first.json()["id"], other.json()["id"])
+    assert error_of(client.post("/v1/models", files=fields, headers={"Idempotency-Key": "k" * 201}),
+                    422)["param"] == "idempotency-key"
+
+
+def test_two_uploads_at_once_with_one_idempotency_key_make_one_model(client, settings, tiny_whisper_dir):
+    """Both pass the first look (nothing made with the key yet) while they are checked; the second insert
+    meets the unique key, drops its stored copy and answers with the first one's model."""
+    import concurrent.futures
+
+    fields = as_fields(folder_files(tiny_whisper_dir))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/models", files=fields, headers={"Idempotency-Key": "race"}),
+                                range(2)))
+    assert sorted(a.status_code for a in answers) == [200, 201], [a.text for a in answers]
+    assert answers[0].json()["id"] == answers[1].json()["id"]
+    assert len(client.get("/v1/models").json()["data"]) == 1
+    assert len(list((settings.data_dir / "storage" / "artifacts").iterdir())) == 1
+
+
 @pytest.mark.parametrize("kind", ["tar.gz", "zip"])
 def test_a_folder_uploaded_as_an_archive_becomes_a_model(client, tiny_whisper_dir, kind):
     members = {f"my-whisper/{name}": data for name, data in folder_files(tiny_whisper_dir).items()}
