@@ -38,7 +38,7 @@ jobs = Table(
     Column("status", String(16), nullable=False, index=True),
     Column("owner", String(64), nullable=False),  # sha256 of the API key that submitted it
     Column("idempotency_key", String(200)),
-    Column("source_model", Text, nullable=False),  # Hub id or server folder
+    Column("source_model", Text, nullable=False),  # Hub id, server folder or model id (what `model` named)
     Column("config", JSON, nullable=False),  # QuantConfig.to_dict()
     Column("files", JSON, nullable=False),  # {"calibration": [names], "eval": [names], "transcripts": bool}
     Column("stage", String(64)),
@@ -56,6 +56,9 @@ jobs = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("heartbeat_at", DateTime(timezone=True)),
+    # what the job does: "quantize" (makes model_id) or "evaluate" (makes result); app.jobs.KINDS
+    Column("kind", String(16), nullable=False, server_default="quantize", index=True),
+    Column("result", JSON),  # an evaluation's scores and hypotheses
     UniqueConstraint("owner", "idempotency_key", name="uq_tarq_jobs_owner_idem"),
 )
 
@@ -77,7 +80,7 @@ models = Table(
 )
 # The revision app/migrations brings a database to, which the tables above describe; a change to them is a
 # new revision there (tests/service/test_migrations.py checks that the two agree).
-HEAD = "0002"
+HEAD = "0003"
 FIRST = "0001"  # the schema create_all made before migrations existed
 
 _engines: dict[tuple[int, str], Engine] = {}

@@ -52,12 +52,12 @@ def resend_lost_jobs(settings: Settings, celery) -> list[str]:
     if not settings.embedded_broker:
         return []
     from app.db import get_engine
-    from app.routes.quantizations import send_quantize
+    from app.routes.job_routes import send_job
 
     queued = jobs.queued_ids(get_engine(settings.database))
     waiting = waiting_job_ids(queue_folder(settings))
     lost = [job_id for job_id in queued if job_id not in waiting]
     for job_id in lost:
-        send_quantize(celery, job_id)
+        send_job(celery, job_id)
         log.warning("job %s was queued with no message (its worker died holding it): sent again", job_id)
     return lost

@@ -15,6 +15,8 @@ from sqlalchemy.exc import IntegrityError
 from app.db import jobs, models
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+QUANTIZE, EVALUATE = "quantize", "evaluate"  # a job's kind: it makes a model, or scores one
+KINDS = {QUANTIZE: "quantization", EVALUATE: "evaluation"}  # kind -> what the API calls it
 UPLOADED = "none"  # the `method` of a model uploaded as it is (POST /v1/models): a base model to quantize
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 # running -> queued is the reaper handing a lost job to the next worker.
@@ -28,8 +30,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 class JobNotFound(LookupError):
-    def __init__(self, job_id: str):
-        super().__init__(f"no quantization job with id {job_id!r}")
+    def __init__(self, job_id: str, kind: str = QUANTIZE):
+        super().__init__(f"no {KINDS.get(kind, 'job')} job with id {job_id!r}")
         self.job_id = job_id
 
 
@@ -86,9 +88,10 @@ def create_job(
     files: dict,
     idempotency_key: str | None = None,
     job_id: str | None = None,
+    kind: str = QUANTIZE,
 ) -> tuple[dict, bool]:
-    """Insert a queued job; with an idempotency key already used by this owner, return that job instead.
-    Returns (job, created)."""
+    """Insert a queued job; with an idempotency key already used by this owner, return that job instead
+    (of whatever kind: the route tells a client who used a key for another kind). Returns (job, created)."""
     if idempotency_key:
         existing = find_by_idempotency_key(engine, owner, idempotency_key)
         if existing:
@@ -97,7 +100,7 @@ def create_job(
     values = dict(
         id=job_id or new_id(), status=QUEUED, owner=owner, idempotency_key=idempotency_key or None,
         source_model=source_model, config=config, files=files, fraction=0.0, cancel_requested=False,
-        attempts=0, created_at=stamp, updated_at=stamp,
+        attempts=0, created_at=stamp, updated_at=stamp, kind=kind,
     )
     try:
         with engine.begin() as conn:
@@ -122,21 +125,26 @@ def find_upload_by_idempotency_key(engine: Engine, owner: str, key: str) -> dict
     return find_by_idempotency_key(engine, owner, key, table=models)
 
 
-def get_job(engine: Engine, job_id: str) -> dict:
+def get_job(engine: Engine, job_id: str, kind: str | None = None) -> dict:
+    """The job; with `kind`, only a job of that kind (an evaluation's id is no quantization's)."""
+    query = select(jobs).where(jobs.c.id == job_id)
+    if kind is not None:
+        query = query.where(jobs.c.kind == kind)
     with engine.connect() as conn:
-        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        row = conn.execute(query).first()
     if row is None:
-        raise JobNotFound(job_id)
+        raise JobNotFound(job_id, kind or QUANTIZE)
     return _row(row)
 
 
-def list_jobs(engine: Engine, *, limit: int = 20, after: str | None = None, status: str | None = None) -> list[dict]:
+def list_jobs(engine: Engine, *, limit: int = 20, after: str | None = None, status: str | None = None,
+              kind: str = QUANTIZE) -> list[dict]:
     """Newest first; `after` is the id of the last job of the previous page (cursor pagination)."""
-    query = select(jobs)
+    query = select(jobs).where(jobs.c.kind == kind)
     if status:
         query = query.where(jobs.c.status == status)
     if after:
-        cursor = get_job(engine, after)
+        cursor = get_job(engine, after, kind)
         query = query.where(
             or_(jobs.c.created_at < cursor["created_at"],
                 and_(jobs.c.created_at == cursor["created_at"], jobs.c.id < cursor["id"]))
@@ -152,7 +160,7 @@ def queued_ids(engine: Engine) -> list[str]:
 
 
 def active_jobs_from(engine: Engine, source_model: str) -> list[str]:
-    """Ids of the queued or running jobs that quantize `source_model`."""
+    """Ids of the queued or running jobs that quantize or evaluate `source_model`."""
     with engine.connect() as conn:
         rows = conn.execute(select(jobs.c.id).where(jobs.c.source_model == source_model,
                                                     jobs.c.status.in_((QUEUED, RUNNING))).order_by(jobs.c.id))
@@ -274,7 +282,9 @@ def reap_stale(engine: Engine, stale_after: float, max_attempts: int) -> list[tu
 
 
 def public_job(job: dict) -> dict:
-    """The JSON a client sees."""
+    """The JSON a client sees: a quantization's, or an evaluation's (public_evaluation)."""
+    if job.get("kind") == EVALUATE:
+        return public_evaluation(job)
     return {
         "id": job["id"],
         "object": "quantization",
@@ -298,6 +308,24 @@ def public_job(job: dict) -> dict:
         "started_at": job["started_at"].isoformat() if job["started_at"] else None,
         "finished_at": job["finished_at"].isoformat() if job["finished_at"] else None,
         "heartbeat_at": job["heartbeat_at"].isoformat() if job["heartbeat_at"] else None,
+    }
+
+
+def public_evaluation(job: dict) -> dict:
+    return {
+        "id": job["id"],
+        "object": "evaluation",
+        "status": job["status"],
+        "model": job["source_model"],
+        "config": job["config"],
+        "files": job["files"],
+        "progress": {k: job[k] for k in ("stage", "layer", "layers_total", "loss")} | {"fraction": job["fraction"] or 0.0},
+        "error": job["error"],
+        "result": job["result"],
+        "cancel_requested": bool(job["cancel_requested"]),
+        "attempts": job["attempts"],
+        "idempotency_key": job["idempotency_key"],
+        **{k: job[k].isoformat() if job[k] else None for k in ("created_at", "started_at", "finished_at", "heartbeat_at")},
     }
 
 

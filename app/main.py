@@ -25,6 +25,7 @@ from app.storage import StorageUnavailable
 
 log = logging.getLogger("tarq.api")
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+RATE_LIMITED = ("/v1/quantizations", "/v1/evaluations", "/v1/models")  # POSTs: work queued or stored per call
 MULTIPART_SLACK = 1 << 20  # form fields and part headers on top of the files themselves
 
 
@@ -64,7 +65,7 @@ def reap_once(settings: Settings) -> list[tuple[str, str]]:
     reap at once: a job sent twice is claimed once (jobs.claim)."""
     from app.db import get_engine
     from app.deps import celery_client
-    from app.routes.quantizations import send_quantize
+    from app.routes.job_routes import send_job
 
     engine = get_engine(settings.database)
     celery = celery_client(settings)
@@ -87,7 +88,7 @@ def reap_once(settings: Settings) -> list[tuple[str, str]]:
             lost.append(job_id)
     for job_id in lost:
         try:
-            send_quantize(celery, job_id)
+            send_job(celery, job_id)
         except Exception as err:
             log.error("could not requeue job %s: %s", job_id, err)
     return done
@@ -143,7 +144,7 @@ def create_app() -> FastAPI:
                 key_hash = check_key(request.headers.get("authorization"), settings, request.method, path)
             except ApiError as err:
                 return error_response(err.status, err.message, type=err.type, code=err.code, headers=err.headers)
-            if request.method == "POST" and path.rstrip("/") in ("/v1/quantizations", "/v1/models"):
+            if request.method == "POST" and path.rstrip("/") in RATE_LIMITED:
                 wait = _limiter_for(app, settings).take(key_hash) if settings.rate_limit_per_minute > 0 else 0.0
                 if wait > 0:
                     return error_response(
@@ -218,9 +219,9 @@ def create_app() -> FastAPI:
         log.exception("unhandled error")
         return error_response(500, f"internal error: {type(err).__name__}", type="server_error")
 
-    from app.routes import health, models, quantizations, transcriptions
+    from app.routes import evaluations, health, models, quantizations, transcriptions
 
-    for module in (health, quantizations, models, transcriptions):
+    for module in (health, quantizations, evaluations, models, transcriptions):
         app.include_router(module.router)
     return app
 

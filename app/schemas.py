@@ -62,16 +62,15 @@ class Progress(BaseModel):
     loss: float | None
 
 
-class QuantizationPublic(BaseModel):
+class JobPublic(BaseModel):
+    """What a quantization and an evaluation both are: a job record (app.jobs)."""
+
     id: str
-    object: str = "quantization"
     status: str
-    source_model: str
     config: dict[str, Any]
     files: dict[str, Any]
     progress: Progress
     error: str | None
-    model: str | None
     cancel_requested: bool
     attempts: int
     idempotency_key: str | None
@@ -81,9 +80,28 @@ class QuantizationPublic(BaseModel):
     heartbeat_at: str | None
 
 
+class QuantizationPublic(JobPublic):
+    object: str = "quantization"
+    source_model: str
+    model: str | None  # the quantized model, once succeeded
+
+
 class QuantizationList(BaseModel):
     object: str = "list"
     data: list[QuantizationPublic]
+    has_more: bool
+    last_id: str | None
+
+
+class EvaluationPublic(JobPublic):
+    object: str = "evaluation"
+    model: str
+    result: dict[str, Any] | None  # wer, rare_wer, common_wer (percent), counts, seconds, dtype, hypotheses
+
+
+class EvaluationList(BaseModel):
+    object: str = "list"
+    data: list[EvaluationPublic]
     has_more: bool
     last_id: str | None
 

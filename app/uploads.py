@@ -288,6 +288,9 @@ def stage_set(
 
 
 def check_transcripts(path: Path, clips: list[str], field_name: str) -> None:
+    """Every line names an uploaded clip (by its file name, or its stem when that is unambiguous); the
+    file is rewritten keyed by the clips' file names. Before, a transcript keyed by a stem passed this
+    check and was then not found by the worker, which silently used a pseudo-label instead."""
     from tarq.audio import read_transcripts
     from tarq.errors import TarqError
 
@@ -296,15 +299,30 @@ def check_transcripts(path: Path, clips: list[str], field_name: str) -> None:
     except (TarqError, ValueError, UnicodeDecodeError) as err:
         raise ApiError(422, f"transcripts file is not a valid tsv (file<TAB>text): {err}", param=field_name,
                        code="bad_transcripts") from None
-    known = set(clips) | {Path(c).stem for c in clips}
-    # the library refuses a transcripts file that lists clips it cannot find: refuse it here, before queueing
-    missing = sorted(str(k) for k in table if str(k) not in known and Path(str(k)).name not in known)
-    if missing:
-        raise ApiError(422, f"transcripts file lists {missing[0]!r}"
-                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which is not among "
-                            "the uploaded clips", param=field_name, code="bad_transcripts")
     if not table:
         raise ApiError(422, "transcripts file holds no lines", param=field_name, code="bad_transcripts")
+    by_stem: dict[str, list[str]] = {}
+    for clip in clips:
+        by_stem.setdefault(Path(clip).stem, []).append(clip)
+    named, missing = {}, []
+    for key, text in table.items():
+        key = str(key)
+        if key in clips or Path(key).name in clips:
+            named[Path(key).name] = text
+        elif len(by_stem.get(key, ())) == 1:  # "clip1" for clip1.flac
+            named[by_stem[key][0]] = text
+        elif key in by_stem:
+            raise ApiError(422, f"transcripts file lists {key!r}, which could be any of {', '.join(by_stem[key])}: "
+                                "name the file", param=field_name, code="bad_transcripts")
+        else:
+            missing.append(key)
+    # the library refuses a transcripts file that lists clips it cannot find: refuse it here, before queueing
+    if missing:
+        raise ApiError(422, f"transcripts file lists {sorted(missing)[0]!r}"
+                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which is not among "
+                            "the uploaded clips", param=field_name, code="bad_transcripts")
+    # stored under the clips' own names: the worker looks a clip's reference up by its file name
+    path.write_text("".join(f"{name}\t{text}\n" for name, text in named.items()), encoding="utf-8")
 
 
 # the model field ---------------------------------------------------------------------------------------

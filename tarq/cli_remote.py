@@ -1,8 +1,8 @@
-"""`tarq remote`: quantize on a tarq server from a laptop, in one command.
+"""`tarq remote`: quantize and evaluate on a tarq server from a laptop, one command each.
 
-A local model folder is uploaded first (POST /v1/models); calibration clips go as one tar.gz; the job's
-progress events drive a progress bar; the quantized folder is downloaded into --out. Only the HTTP API
-is used (httpx), so the server can be anywhere a GPU is.
+A local model folder is uploaded first (POST /v1/models); clips go as one tar.gz; a job's progress events
+drive a progress bar; a quantized folder is downloaded into --out, evaluations print `tarq eval`'s table.
+Only the HTTP API is used (httpx), so the server can be anywhere a GPU is.
 """
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ class Remote:
             message = response.text[:200] or response.reason_phrase
         raise click.ClickException(f"server said {response.status_code}: {message}")
 
-    def follow(self, job_id: str, bar) -> dict:
+    def follow(self, job_id: str, bar, kind: str = "quantizations") -> dict:
         """Read the job's server-sent events until its end; returns the final job."""
         try:
-            with self.client.stream("GET", f"/quantizations/{job_id}/events") as response:
+            with self.client.stream("GET", f"/{kind}/{job_id}/events") as response:
                 self.check(response)
                 kind = None
                 for line in response.iter_lines():
@@ -94,6 +94,24 @@ def _tar(folder: Path, dest: Path, top: str, gz: bool) -> Path:
     return dest
 
 
+def _model_on_server(api: Remote, model: str, tmp: Path) -> str:
+    """MODEL as the server names it: a local folder is uploaded first (its new id), anything else as given."""
+    if not Path(model).is_dir():
+        return model
+    folder = Path(model)
+    with open(_tar(folder, tmp / "model.tar", folder.name, gz=False), "rb") as f:
+        uploaded = api.call("POST", "/models", data={"name": folder.name},
+                            files={"archive": ("model.tar", f, "application/x-tar")})["id"]
+    click.echo(f"uploaded {folder} as {uploaded}", err=True)
+    return uploaded
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    return tqdm(total=100, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
+
+
 @click.group()
 def remote() -> None:
     """Work with a tarq server (`tarq serve`) over its HTTP API."""
@@ -112,18 +130,11 @@ def remote() -> None:
 def quantize_remote(model, server, key, calib, method, num_samples, out):
     """Quantize MODEL on the server and print the new model's id. MODEL is a local Whisper folder (uploaded
     first), a model id of the server, a folder under its TARQ_MODEL_ROOTS, or a Hub id."""
-    from tqdm import tqdm
-
     if out is not None and out.exists() and any(out.iterdir()):
         raise click.ClickException(f"{out} is not empty")
     api = Remote(server, key)
     with tempfile.TemporaryDirectory(prefix="tarq-remote-") as tmp:
-        if Path(model).is_dir():
-            folder = Path(model)
-            with open(_tar(folder, Path(tmp) / "model.tar", folder.name, gz=False), "rb") as f:
-                model = api.call("POST", "/models", data={"name": folder.name},
-                                 files={"archive": ("model.tar", f, "application/x-tar")})["id"]
-            click.echo(f"uploaded {folder} as {model}", err=True)
+        model = _model_on_server(api, model, Path(tmp))
         form = {"model": model, "method": method}
         if num_samples is not None:
             form["num_samples"] = str(num_samples)
@@ -134,7 +145,7 @@ def quantize_remote(model, server, key, calib, method, num_samples, out):
         else:
             job = api.call("POST", "/quantizations", data=form)
     click.echo(f"job {job['id']}", err=True)
-    with tqdm(total=100, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+    with _progress_bar() as bar:
         job = api.follow(job["id"], bar)
     if job["status"] != "succeeded":
         raise click.ClickException(f"job {job['id']} {job['status']}: {job.get('error') or 'no reason given'}")
@@ -143,3 +154,45 @@ def quantize_remote(model, server, key, calib, method, num_samples, out):
         api.download(job["model"], out)
         click.echo(f"downloaded to {out}", err=True)
     click.echo(job["model"])
+
+
+@remote.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--server", envvar="TARQ_SERVER", required=True, help="Base URL (or TARQ_SERVER).")
+@click.option("--key", envvar="TARQ_API_KEY", required=True, help="API key (or TARQ_API_KEY).")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of audio with transcripts.tsv (file<TAB>reference).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every result (with each clip's hypothesis) here.")
+def eval_remote(models, server, key, data, json_out):
+    """Score each of MODELS on the server against the references in DATA (the same clips for all: say a
+    base model and its quantized versions) and print WER, rare-WER and common-WER as `tarq eval` does.
+    A MODEL that is a local folder is uploaded first."""
+    from tarq.evaluate import EvalResult, format_table
+
+    if not (data / "transcripts.tsv").is_file():
+        raise click.ClickException(f"{data} has no transcripts.tsv (file<TAB>reference) to score against")
+    api = Remote(server, key)
+    submitted = []
+    with tempfile.TemporaryDirectory(prefix="tarq-remote-") as tmp:
+        clips = _tar(data, Path(tmp) / "data.tar.gz", "data", gz=True)
+        for model in models:  # all queued first: a server with several workers runs them side by side
+            model = _model_on_server(api, model, Path(tmp))
+            with open(clips, "rb") as f:
+                job = api.call("POST", "/evaluations", data={"model": model},
+                               files={"archive": ("data.tar.gz", f, "application/gzip")})
+            click.echo(f"evaluation {job['id']}: {model}", err=True)
+            submitted.append(job)
+    results = []
+    for job in submitted:
+        with _progress_bar() as bar:
+            job = api.follow(job["id"], bar, kind="evaluations")
+        if job["status"] != "succeeded":
+            raise click.ClickException(f"evaluation {job['id']} of {job['model']} {job['status']}: "
+                                       f"{job.get('error') or 'no reason given'}")
+        results.append(job["result"])
+    fields = ("wer", "rare_wer", "common_wer", "utterances", "words", "rare_words", "seconds", "audio_seconds")
+    rows = [EvalResult(model=r["model"], data=str(data), **{k: r[k] for k in fields}) for r in results]
+    click.echo(format_table(rows))
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

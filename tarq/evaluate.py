@@ -13,11 +13,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tarq.audio import SAMPLE_RATE, load_audio, read_transcripts
 from tarq.errors import AudioError, CalibrationError
-from tarq.metrics import Scores, score
+
+if TYPE_CHECKING:  # jiwer is the ml extra's: `tarq remote eval` formats results without it
+    from tarq.metrics import Scores
 
 TRANSCRIPTS = "transcripts.tsv"
 
@@ -86,6 +88,8 @@ def score_hypotheses(
     refs: dict[str, str], hyps: dict[str, str], *, zipf_threshold: float = 3.0
 ) -> Scores:
     """Score hypotheses for exactly the files of `refs` (the same utterances for every method)."""
+    from tarq.metrics import score
+
     missing = [f for f in refs if f not in hyps]
     if missing:
         raise ValueError(f"no hypothesis for {missing[0]}")

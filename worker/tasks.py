@@ -1,10 +1,12 @@
 """Celery tasks, thin: load inputs -> call tarq -> store the result -> record it in SQL.
 
-tarq.quantize(job_id): the job record is the source of truth. The task claims it (queued -> running,
-or a running job whose heartbeat went stale), heartbeats from a side thread that also notices a
-cancel request, runs tarq.pipeline.quantize_model with progress written to SQL, stores the artifact
-and ends the job succeeded | failed | cancelled. A redelivered or duplicate message finds nothing to
-claim and returns.
+tarq.quantize(job_id): runs a job record of either kind; the record is the source of truth. The task
+claims it (queued -> running, or a running job whose heartbeat went stale), heartbeats from a side
+thread that also notices a cancel request, and runs it with progress written to SQL: a quantization
+(tarq.pipeline.quantize_model, its artifact stored and recorded as a model) or an evaluation
+(tarq.evaluate, its scores recorded as the job's result). It ends the job succeeded | failed |
+cancelled, or queued again when the artifact store was out of reach. A redelivered or duplicate
+message finds nothing to claim and returns.
 
 tarq.transcribe(payload): a model cache per process; returns {"transcript": Transcript.to_dict(), "kernels":
 {path: QuantLinear calls}, "dtype": the compute dtype} or {"error": {"type", "message"}} for a user error,
@@ -86,7 +88,8 @@ class Heartbeat(threading.Thread):
 @app.task(name="tarq.quantize", bind=True, acks_late=True, reject_on_worker_lost=True,
           soft_time_limit=_settings.quantize_time_limit, time_limit=_settings.quantize_time_limit + 120)
 def quantize(self, job_id: str) -> dict:
-    from tarq.config import QuantConfig
+    """Run the job record `job_id`, of either kind (the task keeps its first name, see
+    app.routes.job_routes.send_job)."""
     from tarq.errors import Cancelled, TarqError
 
     settings = get_settings()
@@ -116,50 +119,34 @@ def quantize(self, job_id: str) -> dict:
         return beat.stop_requested.is_set()
 
     status, fields = jobs.FAILED, {}
-    model_id = None
+    made: dict[str, str] = {}  # what the run put in the store, to take back when the store fails it
+    evaluation = job["kind"] == jobs.EVALUATE
+    doing = "evaluating" if evaluation else "quantizing"
     try:
-        config = QuantConfig.from_dict(job["config"])
-        files = job["files"] or {}
-        calib = storage().get_dir(f"uploads/{job_id}/calibration", scratch / "calibration") \
-            if "calibration" in files else None
-        eval_dir = storage().get_dir(f"uploads/{job_id}/eval", scratch / "eval") if "eval" in files else None
-        from tarq.pipeline import quantize_model
-
-        source, name = source_files(engine, job["source_model"])
-        model_id = jobs.new_model_id(name, config.method, config.bits, config.group_size)
-        out = quantize_model(source, calib, scratch / "artifact", config, device=device(), progress=on_progress,
-                             should_stop=should_stop, eval_dir=eval_dir, base_model=name)
-        if should_stop():
-            raise Cancelled("cancelled by request")
-        info = _artifact_info(Path(out))
-        info.pop("path", None)  # the scratch folder, gone after this task
-        storage().put_dir(Path(out), f"artifacts/{model_id}", move=True)
-        jobs.add_model(engine, id=model_id, job_id=job_id, owner=job["owner"], base_model=job["source_model"],
-                       method=config.method, bits=config.bits, group_size=config.group_size,
-                       size_bytes=storage().size(f"artifacts/{model_id}"), info=_jsonable(info))
-        status, fields = jobs.SUCCEEDED, {"model_id": model_id, "fraction": 1.0, "stage": "done"}
+        run = _evaluate if evaluation else _quantize
+        status, fields = run(engine, job, scratch, on_progress, should_stop, made)
     except Cancelled as err:
         status, fields = jobs.CANCELLED, {"error": str(err) or "cancelled by request"}
     except StorageUnavailable as err:
         log.warning("job %s: %s", job_id, err)  # the store's address stays in the log
-        if model_id is not None:
-            _forget_partial(f"artifacts/{model_id}")
+        if "artifact" in made:
+            _forget_partial(made["artifact"])
         if should_stop():
             status, fields = jobs.CANCELLED, {"error": "cancelled by request"}
         else:
             status, fields = storage_retry(job, settings)
     except TarqError as err:
-        status, fields = jobs.FAILED, {"error": _out_of_memory(err) or str(err)}
+        status, fields = jobs.FAILED, {"error": _out_of_memory(err, doing) or str(err)}
     except SoftTimeLimitExceeded:
         status, fields = jobs.FAILED, {"error": f"time limit of {settings.quantize_time_limit} s exceeded "
                                                 "(TARQ_QUANTIZE_TIME_LIMIT)"}
     except MemoryError:
-        status, fields = jobs.FAILED, {"error": "out of memory (host RAM) while quantizing"}
+        status, fields = jobs.FAILED, {"error": f"out of memory (host RAM) while {doing}"}
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
-            status, fields = jobs.FAILED, {"error": f"out of GPU memory while quantizing: {str(err).splitlines()[0]}"}
-        elif _out_of_memory(err):
-            status, fields = jobs.FAILED, {"error": _out_of_memory(err)}
+            status, fields = jobs.FAILED, {"error": f"out of GPU memory while {doing}: {str(err).splitlines()[0]}"}
+        elif _out_of_memory(err, doing):
+            status, fields = jobs.FAILED, {"error": _out_of_memory(err, doing)}
         else:
             log.exception("job %s failed", job_id)
             status, fields = jobs.FAILED, {"error": f"internal error: {type(err).__name__}: {err}"}
@@ -182,6 +169,58 @@ def quantize(self, job_id: str) -> dict:
     return {"job": job_id, "status": status}
 
 
+def _quantize(engine, job: dict, scratch: Path, on_progress, should_stop, made: dict) -> tuple[str, dict]:
+    from tarq.config import QuantConfig
+    from tarq.errors import Cancelled
+    from tarq.pipeline import quantize_model
+
+    job_id, config, files = job["id"], QuantConfig.from_dict(job["config"]), job["files"] or {}
+    calib = storage().get_dir(f"uploads/{job_id}/calibration", scratch / "calibration") \
+        if "calibration" in files else None
+    eval_dir = storage().get_dir(f"uploads/{job_id}/eval", scratch / "eval") if "eval" in files else None
+    source, name = source_files(engine, job["source_model"])
+    model_id = jobs.new_model_id(name, config.method, config.bits, config.group_size)
+    out = quantize_model(source, calib, scratch / "artifact", config, device=device(), progress=on_progress,
+                         should_stop=should_stop, eval_dir=eval_dir, base_model=name)
+    if should_stop():
+        raise Cancelled("cancelled by request")
+    info = _artifact_info(Path(out))
+    info.pop("path", None)  # the scratch folder, gone after this task
+    made["artifact"] = f"artifacts/{model_id}"
+    storage().put_dir(Path(out), made["artifact"], move=True)
+    jobs.add_model(engine, id=model_id, job_id=job_id, owner=job["owner"], base_model=job["source_model"],
+                   method=config.method, bits=config.bits, group_size=config.group_size,
+                   size_bytes=storage().size(made["artifact"]), info=_jsonable(info))
+    return jobs.SUCCEEDED, {"model_id": model_id, "fraction": 1.0, "stage": "done"}
+
+
+def _evaluate(engine, job: dict, scratch: Path, on_progress, should_stop, made: dict) -> tuple[str, dict]:
+    """Score the model on the job's clips (tarq.evaluate) with the model this worker serves transcriptions
+    with: the same cache, device and TARQ_DTYPE."""
+    from tarq.errors import Cancelled
+    from tarq.evaluate import evaluate
+    from tarq.progress import Progress
+    from tarq.transcribe import dtype_name
+
+    config = job["config"]
+    clips = storage().get_dir(f"uploads/{job['id']}/eval", scratch / "eval")
+    source = model_files(config["model"])
+    on_progress(Progress("load"))
+    loaded = model_cache().get(str(source), device(), get_settings().dtype)
+
+    def progress(done: int, total: int) -> None:
+        if should_stop():
+            raise Cancelled("cancelled by request")
+        on_progress(Progress("evaluate", done, total))
+
+    result = evaluate(source, clips, batch_size=int(config["batch_size"]), zipf_threshold=float(config["zipf_threshold"]),
+                      device=device(), loaded=loaded, progress=progress)
+    scores = result.summary() | {"model": job["source_model"], "dtype": dtype_name(loaded[0].dtype),
+                                 "hypotheses": result.hypotheses}
+    scores.pop("data")  # the scratch folder
+    return jobs.SUCCEEDED, {"result": _jsonable(scores), "fraction": 1.0, "stage": "done"}
+
+
 def storage_retry_delay(attempts: int, settings) -> float:
     """Seconds before the next attempt of a job whose worker could not reach the artifact store, after
     `attempts` attempts: TARQ_STORAGE_RETRY_SECONDS doubled each time, at most half of
@@ -202,10 +241,10 @@ def storage_retry(job: dict, settings) -> tuple[str, dict]:
 
 
 def _send_again(job_id: str, delay: float) -> None:
-    from app.routes.quantizations import send_quantize
+    from app.routes.job_routes import send_job
 
     try:
-        send_quantize(app, job_id, countdown=delay)
+        send_job(app, job_id, countdown=delay)
         log.warning("job %s: artifact store unavailable; sent again to start in %g s", job_id, delay)
     except Exception as err:  # noqa: BLE001 -- queued with no message: the reaper or a starting worker sends it
         log.error("job %s: could not send it again: %s", job_id, err)
@@ -220,12 +259,12 @@ def _forget_partial(key: str) -> None:
         log.warning("could not delete %s: %s", key, err)
 
 
-def _out_of_memory(err: BaseException) -> str | None:
+def _out_of_memory(err: BaseException, doing: str = "quantizing") -> str | None:
     """Host RAM ran out without a MemoryError: torch's CPU allocator raises RuntimeError, and a failed
     mmap of the weights surfaces as the loader's ModelError. Both carry ENOMEM's text."""
     text = str(err)
     if "can't allocate memory" in text or "Cannot allocate memory" in text:
-        return f"out of memory (host RAM) while quantizing: {text.splitlines()[0][:300]}"
+        return f"out of memory (host RAM) while {doing}: {text.splitlines()[0][:300]}"
     return None
 
 

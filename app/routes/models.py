@@ -109,7 +109,7 @@ def delete_model(model_id: str, engine: EngineDep, storage: StorageDep, _: KeyDe
     jobs.get_model(engine, model_id)  # 404 first
     using = jobs.active_jobs_from(engine, model_id)
     if using:
-        raise ApiError(409, f"model {model_id!r} is being quantized by job {using[0]}"
+        raise ApiError(409, f"model {model_id!r} is being quantized or evaluated by job {using[0]}"
                             f"{f' and {len(using) - 1} more' if len(using) > 1 else ''}; cancel or wait for it first",
                        code="model_in_use")
     storage.delete(f"artifacts/{model_id}")

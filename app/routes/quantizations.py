@@ -1,34 +1,21 @@
 """/v1/quantizations: submit, read, list, cancel, follow (SSE)."""
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import shutil
 from typing import Annotated
 
-from anyio import to_thread
 from fastapi import APIRouter, File, Form, Header, Query, UploadFile
-from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from app import jobs
 from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
+from app.routes import job_routes
 from app.schemas import ERROR_RESPONSES, ApiError, ErrorResponse, QuantizationList, QuantizationPublic
 from app.uploads import Budget, check_model_source, stage_set
 
 log = logging.getLogger("tarq.api")
 router = APIRouter(prefix="/v1/quantizations", tags=["quantizations"], responses=ERROR_RESPONSES)
-
-
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
-
-
-def send_quantize(celery, job_id: str, countdown: float | None = None) -> None:
-    # The SQL record is the job's result: nothing to wait for in the result backend, and a fast failure
-    # (503) when the broker is down rather than minutes of reconnecting.
-    celery.send_task("tarq.quantize", args=[job_id], queue="quantize", ignore_result=True,
-                     retry_policy=PUBLISH_RETRY, countdown=countdown)
 
 
 def uploaded_model(engine, model: str) -> str | None:
@@ -80,10 +67,8 @@ def create_quantization(
     """Validate everything, store the uploads, record the job, queue it. 202 with the job."""
     from tarq.config import QuantConfig
 
-    if idempotency_key:
-        existing = jobs.find_by_idempotency_key(engine, owner, idempotency_key)
-        if existing:
-            return JSONResponse(jobs.public_job(existing), status_code=200)
+    if earlier := job_routes.replayed(engine, owner, idempotency_key, jobs.QUANTIZE):
+        return earlier
     overrides = {"method": method, "bits": bits, "group_size": group_size, "sym": sym}
     if num_samples is not None:
         overrides["num_samples"] = num_samples
@@ -123,28 +108,9 @@ def create_quantization(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    try:
-        job, created = jobs.create_job(engine, owner=owner, source_model=source, config=config.to_dict(),
-                                       files=summary, idempotency_key=idempotency_key, job_id=job_id)
-    except Exception:
-        storage.delete(f"uploads/{job_id}")
-        raise
-    if not created:  # a concurrent request with the same key won
-        storage.delete(f"uploads/{job_id}")
-        return JSONResponse(jobs.public_job(job), status_code=200)
-    try:
-        send_quantize(celery, job_id)
-    except Exception as err:
-        log.exception("could not queue job %s", job_id)
-        jobs.transition(engine, job_id, jobs.FAILED, error=f"could not queue the job: {err}")
-        storage.delete(f"uploads/{job_id}")
-        raise ApiError(503, f"the job queue (broker) is unavailable: {type(err).__name__}", type="server_error",
-                       code="broker_unavailable") from None
-    from app.routes.health import JOBS_SUBMITTED
-
-    JOBS_SUBMITTED.inc()
-    log.info("job %s queued: %s %s", job_id, config.method, source)
-    return JSONResponse(jobs.public_job(job), status_code=202)
+    return job_routes.submit(engine, storage, celery, kind=jobs.QUANTIZE, job_id=job_id, owner=owner, source=source,
+                             config=config.to_dict(), files=summary, idempotency_key=idempotency_key,
+                             what=f"{config.method} {source}")
 
 
 @router.get("", response_model=QuantizationList)
@@ -153,50 +119,26 @@ def list_quantizations(
     _: KeyDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64, description="last id of the previous page")] = None,
-    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    status: Annotated[str | None, Query(pattern=job_routes.STATUS_PATTERN)] = None,
 ):
-    rows = jobs.list_jobs(engine, limit=limit + 1, after=after, status=status)
-    page = rows[:limit]
-    return {"object": "list", "data": [jobs.public_job(j) for j in page], "has_more": len(rows) > limit,
-            "last_id": page[-1]["id"] if page else None}
+    return job_routes.page(engine, jobs.QUANTIZE, limit, after, status)
 
 
 @router.get("/{job_id}", response_model=QuantizationPublic)
 def get_quantization(job_id: str, engine: EngineDep, _: KeyDep):
-    return jobs.public_job(jobs.get_job(engine, job_id))
+    return jobs.public_job(jobs.get_job(engine, job_id, jobs.QUANTIZE))
 
 
 @router.delete("/{job_id}", response_model=QuantizationPublic, status_code=202)
 def cancel_quantization(job_id: str, engine: EngineDep, storage: StorageDep, _: KeyDep):
     """Cancel: a queued job ends at once; a running one stops at its next layer (the worker marks it
     cancelled); a finished one answers 409."""
-    job = jobs.request_cancel(engine, job_id)
-    if job["status"] == jobs.CANCELLED:
-        storage.delete(f"uploads/{job_id}")
-    return JSONResponse(jobs.public_job(job), status_code=202)
+    return job_routes.cancel(engine, storage, job_id, jobs.QUANTIZE)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse,
-            responses={200: {"content": {"text/event-stream": {}}, "description": "progress events"}})
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses=job_routes.EVENTS_ANSWER)
 async def quantization_events(job_id: str, engine: EngineDep, _: KeyDep,
                               interval: Annotated[float, Query(ge=0.1, le=30)] = 0.5):
     """Server-sent events: `progress` with the job whenever it changes, then one `end` event with the
     job in its final state."""
-    job = await to_thread.run_sync(jobs.get_job, engine, job_id)  # 404 before the stream starts
-
-    async def stream():
-        nonlocal job
-        last = None
-        while True:
-            public = jobs.public_job(job)
-            marker = (public["status"], public["progress"], public["cancel_requested"])
-            if job["status"] in jobs.TERMINAL:
-                yield {"event": "end", "data": json.dumps(public)}
-                return
-            if marker != last:
-                yield {"event": "progress", "data": json.dumps(public)}
-                last = marker
-            await asyncio.sleep(interval)
-            job = await to_thread.run_sync(jobs.get_job, engine, job_id)
-
-    return EventSourceResponse(stream(), ping=15)
+    return await job_routes.events(engine, job_id, jobs.QUANTIZE, interval)

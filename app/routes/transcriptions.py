@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from app import jobs, task_wait
 from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
-from app.routes.quantizations import PUBLISH_RETRY
+from app.routes.job_routes import PUBLISH_RETRY
 from app.schemas import ERROR_RESPONSES, ApiError
 from app.settings import Settings
 from app.storage import StorageUnavailable

@@ -15,6 +15,11 @@ NON_HEALTH_ROUTES = [
     ("GET", "/v1/quantizations/abc"),
     ("DELETE", "/v1/quantizations/abc"),
     ("GET", "/v1/quantizations/abc/events"),
+    ("POST", "/v1/evaluations"),
+    ("GET", "/v1/evaluations"),
+    ("GET", "/v1/evaluations/abc"),
+    ("DELETE", "/v1/evaluations/abc"),
+    ("GET", "/v1/evaluations/abc/events"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/abc"),
     ("DELETE", "/v1/models/abc"),
@@ -74,7 +79,7 @@ def test_a_transcribe_key_only_transcribes_and_reads_the_model_list(make_client,
         assert app.get("/v1/models/nope").status_code == 404
         for route in ("transcriptions", "translations"):  # past the key check: the missing file is the problem
             assert error_of(app.post(f"/v1/audio/{route}", data={"model": "tiny-whisper"}), 422)["param"] == "file"
-        for method, path in [("POST", "/v1/quantizations"), ("GET", "/v1/quantizations"),
+        for method, path in [("POST", "/v1/quantizations"), ("GET", "/v1/quantizations"), ("POST", "/v1/evaluations"),
                              ("DELETE", "/v1/models/m"), ("POST", "/v1/models"), ("GET", "/v1/models/m/files"),
                              ("GET", "/v1/models/m/archive"), ("GET", "/metrics")]:
             err = error_of(app.request(method, path), 403)

@@ -16,10 +16,10 @@ from tests.service.conftest import REDIS_URL, free_port, stop, tarq_command, wai
 pytestmark = pytest.mark.slow
 
 
-def follow(client: httpx.Client, job_id: str, timeout: float = 600) -> tuple[dict, list[dict]]:
+def follow(client: httpx.Client, job_id: str, timeout: float = 600, kind: str = "quantizations") -> tuple[dict, list[dict]]:
     """Read the job's SSE stream to its `end` event; returns (final job, progress events)."""
     events, final = [], None
-    with client.stream("GET", f"/v1/quantizations/{job_id}/events", timeout=timeout) as response:
+    with client.stream("GET", f"/v1/{kind}/{job_id}/events", timeout=timeout) as response:
         assert response.status_code == 200
         kind = None
         for line in response.iter_lines():
@@ -36,7 +36,7 @@ def follow(client: httpx.Client, job_id: str, timeout: float = 600) -> tuple[dic
 
 
 def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[str, ...],
-                 evaluate: bool = False, translate: bool = False) -> None:
+                 evaluate: bool = False, translate: bool = False, evaluations: bool = False) -> None:
     import openai
 
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
@@ -92,10 +92,32 @@ def service_flow(base: str, key: str, clips, transcripts: bytes, methods: tuple[
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
 
+    if evaluations:
+        evaluation_flow(client, clips[:2], transcripts, made[0][1])
     for _, model_id in made:
         assert oai.models.delete(model_id).deleted is True
         assert client.get(f"/v1/models/{model_id}").status_code == 404
     assert client.get("/v1/models").json()["data"] == []
+
+
+def evaluation_flow(client: httpx.Client, clips, transcripts: bytes, quantized: str) -> None:
+    """The base model and a model quantized from it scored on the same clips through /v1/evaluations."""
+    names = {c.name for c in clips}
+    refs = "".join(ln + "\n" for ln in transcripts.decode().splitlines() if ln.split("\t", 1)[0] in names)
+    results = {}
+    for model in ("tiny-whisper", quantized):
+        files = [("files", (c.name, c.read_bytes(), "audio/flac")) for c in clips]
+        files.append(("transcripts", ("transcripts.tsv", refs.encode(), "text/tab-separated-values")))
+        made = client.post("/v1/evaluations", data={"model": model}, files=files)
+        assert made.status_code == 202, made.text
+        ev, events = follow(client, made.json()["id"], kind="evaluations")
+        assert ev["status"] == "succeeded" and ev["attempts"] == 1, ev["error"]
+        assert events and {e["object"] for e in events} == {"evaluation"}
+        results[model] = ev["result"]
+    for result in results.values():
+        assert set(result["hypotheses"]) == names and result["utterances"] == len(clips)
+        assert result["words"] == results["tiny-whisper"]["words"]  # the same references for both
+        assert result["wer"] is not None and {"rare_wer", "common_wer", "rare_words", "dtype"} <= set(result)
 
 
 def check_translation(oai, clip) -> None:
@@ -239,7 +261,7 @@ def test_embedded_serve_end_to_end(tmp_path, subprocess_env, clips, clip_transcr
         key_file = tmp_path / "data" / "api_key"
         assert key_file.stat().st_mode & 0o777 == 0o600
         service_flow(f"http://127.0.0.1:{port}", key_file.read_text().strip(), clips, clip_transcripts,
-                     methods=("rtn", "tarq"), evaluate=True, translate=True)
+                     methods=("rtn", "tarq"), evaluate=True, translate=True, evaluations=True)
     except BaseException:
         print(tail(tmp_path / "serve.log"))
         raise

@@ -8,7 +8,7 @@ from pathlib import Path
 from app import jobs
 from app.deps import celery_client
 from app.embedded_broker import resend_lost_jobs, waiting_job_ids
-from app.routes.quantizations import send_quantize
+from app.routes.job_routes import send_job
 
 
 def _queue(settings) -> Path:
@@ -24,8 +24,8 @@ def test_finds_the_jobs_whose_messages_wait(settings, engine):
     settings.ensure_dirs()
     celery = celery_client(settings)
     a, b = _job(engine), _job(engine)
-    send_quantize(celery, a)
-    send_quantize(celery, b)
+    send_job(celery, a)
+    send_job(celery, b)
     celery.send_task("tarq.transcribe", args=[{"model": {}}], queue="transcribe")  # another queue: not a job
     (_queue(settings) / "0_x.quantize.msg").write_text("{not json")  # a file being written, say
     assert waiting_job_ids(_queue(settings)) == {a, b}
@@ -35,7 +35,7 @@ def test_sends_again_only_the_queued_jobs_without_a_message(settings, engine):
     settings.ensure_dirs()
     celery = celery_client(settings)
     kept, lost, running = _job(engine), _job(engine), _job(engine)
-    send_quantize(celery, kept)
+    send_job(celery, kept)
     jobs.claim(engine, running, "w", 60)  # running: the reaper's business, not this
     assert jobs.get_job(engine, running)["status"] == jobs.RUNNING
     assert resend_lost_jobs(settings, celery) == [lost]

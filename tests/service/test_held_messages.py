@@ -17,7 +17,7 @@ from app import jobs, redis_broker
 from app.db import get_engine
 from app.deps import celery_client
 from app.main import reap_once
-from app.routes.quantizations import send_quantize
+from app.routes.job_routes import send_job
 from tests.service.conftest import take_and_die
 
 REDIS_DB = 13
@@ -38,7 +38,7 @@ def redis_settings(make_settings, tmp_path):
 
 def _job(settings, celery, engine, taken: bool = True) -> str:
     job, _ = jobs.create_job(engine, owner="o", source_model="m", config={}, files={})
-    send_quantize(celery, job["id"])
+    send_job(celery, job["id"])
     if taken:
         take_and_die(settings, celery, "quantize")
     return job["id"]

@@ -73,12 +73,17 @@ def test_a_database_made_before_migrations_is_brought_to_head_with_its_rows(fres
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO tarq_models (id, owner, base_model, method, bits, group_size, size_bytes, "
                               "info, created_at) VALUES ('m-old', 'o', 'b', 'gptq', 4, 128, 10, '{}', :t)"), {"t": stamp})
+            conn.execute(text("INSERT INTO tarq_jobs (id, status, owner, source_model, config, files, fraction, "
+                              "cancel_requested, attempts, created_at, updated_at) VALUES ('j-old', 'succeeded', 'o', "
+                              "'b', '{}', '{}', 1.0, false, 1, :t, :t)"), {"t": stamp})
         assert "idempotency_key" not in [c["name"] for c in inspect(engine).get_columns("tarq_models")]
 
         assert migrate(engine) == FIRST
         assert revision(engine) == HEAD
         old = jobs.get_model(engine, "m-old")
         assert old["method"] == "gptq" and old["idempotency_key"] is None
+        job = jobs.get_job(engine, "j-old", jobs.QUANTIZE)  # jobs from before evaluations are quantizations
+        assert job["status"] == "succeeded" and job["kind"] == "quantize" and job["result"] is None
         with engine.connect() as conn:
             command.check(_alembic_config(conn))
     finally:

@@ -1,5 +1,6 @@
-"""`tarq remote quantize` against a real `tarq serve` (embedded): a local folder is uploaded, quantized with
-calibration clips, followed and downloaded; refusals are one line naming the server's reason."""
+"""`tarq remote` against a real `tarq serve` (embedded): a local folder is uploaded, quantized with
+calibration clips, followed and downloaded; models are evaluated on the same clips; refusals are one line
+naming the server's reason."""
 from __future__ import annotations
 
 import re
@@ -51,6 +52,35 @@ def test_quantize_a_local_folder_on_the_server_and_get_it_back(server, subproces
     assert "uploaded" in done.stderr and "downloaded to" in done.stderr
     model, _ = load_artifact(tmp_path / "out")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) > 0
+
+
+def test_evaluate_a_server_model_and_a_local_folder_on_the_same_clips(server, subprocess_env, tiny_whisper_dir,
+                                                                     clips, clip_transcripts, tmp_path):
+    """`tarq remote eval` queues one evaluation per model (a local folder is uploaded first), follows them
+    and prints `tarq eval`'s table; --json keeps every result with its hypotheses."""
+    import json
+
+    url, key = server
+    data = tmp_path / "clips"  # tmp_path/data is the server's
+    data.mkdir()
+    for clip in clips[:2]:
+        shutil.copy(clip, data / clip.name)
+    names = {c.name for c in clips[:2]}
+    (data / "transcripts.tsv").write_text("".join(ln + "\n" for ln in clip_transcripts.decode().splitlines()
+                                                  if ln.split("\t", 1)[0] in names))
+    mine = shutil.copytree(tiny_whisper_dir, tmp_path / "my-whisper")
+    env = dict(subprocess_env, TARQ_API_KEY=key)
+    done = remote(env, "eval", "tiny-whisper", mine, "--server", url, "--data", data, "--json", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    rows = [ln for ln in done.stdout.splitlines() if ln.startswith("| ") and "WER" not in ln]
+    assert len(rows) == 2 and rows[0].split("|")[1].strip().endswith("tiny-whisper"), done.stdout
+    assert rows[1].split("|")[1].strip().startswith("my-whisper-"), done.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [set(r["hypotheses"]) for r in results] == [names, names]
+    assert results[0]["words"] == results[1]["words"] and results[0]["wer"] == results[1]["wer"]  # same weights
+    (data / "transcripts.tsv").unlink()
+    refused = remote(env, "eval", "tiny-whisper", "--server", url, "--data", data)
+    assert refused.returncode == 1 and "has no transcripts.tsv" in refused.stderr
 
 
 def test_refusals_are_one_line_with_the_servers_reason(server, subprocess_env, tmp_path):
