@@ -200,6 +200,7 @@ def _evaluate(engine, job: dict, scratch: Path, on_progress, should_stop, made: 
     from tarq.errors import Cancelled
     from tarq.evaluate import evaluate
     from tarq.progress import Progress
+    from tarq.qlinear import counting_kernels
     from tarq.transcribe import dtype_name
 
     config = job["config"]
@@ -213,10 +214,14 @@ def _evaluate(engine, job: dict, scratch: Path, on_progress, should_stop, made: 
             raise Cancelled("cancelled by request")
         on_progress(Progress("evaluate", done, total))
 
-    result = evaluate(source, clips, batch_size=int(config["batch_size"]), zipf_threshold=float(config["zipf_threshold"]),
-                      device=device(), loaded=loaded, progress=progress)
+    # which int4 paths ran, as a transcription's X-Tarq-Kernels says: "dequant-bf16" is the encoder's int4
+    # layers in bf16 (TARQ_CPU_BF16), which can move a fragile clip's greedy decoding
+    with counting_kernels(loaded[0]) as kernels:
+        result = evaluate(source, clips, batch_size=int(config["batch_size"]),
+                          zipf_threshold=float(config["zipf_threshold"]), device=device(), loaded=loaded,
+                          progress=progress)
     scores = result.summary() | {"model": job["source_model"], "dtype": dtype_name(loaded[0].dtype),
-                                 "hypotheses": result.hypotheses}
+                                 "kernels": kernels, "hypotheses": result.hypotheses}
     scores.pop("data")  # the scratch folder
     return jobs.SUCCEEDED, {"result": _jsonable(scores), "fraction": 1.0, "stage": "done"}
 

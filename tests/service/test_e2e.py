@@ -114,6 +114,7 @@ def evaluation_flow(client: httpx.Client, clips, transcripts: bytes, quantized: 
         assert ev["status"] == "succeeded" and ev["attempts"] == 1, ev["error"]
         assert events and {e["object"] for e in events} == {"evaluation"}
         results[model] = ev["result"]
+    assert results["tiny-whisper"]["kernels"] == {} and sum(results[quantized]["kernels"].values()) > 0
     for result in results.values():
         assert set(result["hypotheses"]) == names and result["utterances"] == len(clips)
         assert result["words"] == results["tiny-whisper"]["words"]  # the same references for both
