@@ -282,14 +282,17 @@ def reap_stale(engine: Engine, stale_after: float, max_attempts: int) -> list[tu
 
 
 def public_job(job: dict) -> dict:
-    """The JSON a client sees: a quantization's, or an evaluation's (public_evaluation)."""
+    """The JSON a client sees: a quantization's (its source and the model it made) or an evaluation's (the
+    model it scored and the result)."""
     if job.get("kind") == EVALUATE:
-        return public_evaluation(job)
+        own = {"object": "evaluation", "model": job["source_model"], "result": job["result"]}
+    else:
+        own = {"object": "quantization", "source_model": job["source_model"], "model": job["model_id"]}
+    stamps = ("created_at", "started_at", "finished_at", "heartbeat_at")
     return {
         "id": job["id"],
-        "object": "quantization",
+        **own,
         "status": job["status"],
-        "source_model": job["source_model"],
         "config": job["config"],
         "files": job["files"],
         "progress": {
@@ -300,32 +303,10 @@ def public_job(job: dict) -> dict:
             "loss": job["loss"],
         },
         "error": job["error"],
-        "model": job["model_id"],
         "cancel_requested": bool(job["cancel_requested"]),
         "attempts": job["attempts"],
         "idempotency_key": job["idempotency_key"],
-        "created_at": job["created_at"].isoformat() if job["created_at"] else None,
-        "started_at": job["started_at"].isoformat() if job["started_at"] else None,
-        "finished_at": job["finished_at"].isoformat() if job["finished_at"] else None,
-        "heartbeat_at": job["heartbeat_at"].isoformat() if job["heartbeat_at"] else None,
-    }
-
-
-def public_evaluation(job: dict) -> dict:
-    return {
-        "id": job["id"],
-        "object": "evaluation",
-        "status": job["status"],
-        "model": job["source_model"],
-        "config": job["config"],
-        "files": job["files"],
-        "progress": {k: job[k] for k in ("stage", "layer", "layers_total", "loss")} | {"fraction": job["fraction"] or 0.0},
-        "error": job["error"],
-        "result": job["result"],
-        "cancel_requested": bool(job["cancel_requested"]),
-        "attempts": job["attempts"],
-        "idempotency_key": job["idempotency_key"],
-        **{k: job[k].isoformat() if job[k] else None for k in ("created_at", "started_at", "finished_at", "heartbeat_at")},
+        **{k: job[k].isoformat() if job[k] else None for k in stamps},
     }
 
 

@@ -71,7 +71,10 @@ class Storage:
         path = self.path(key)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            shutil.move(local, path) if move else shutil.copyfile(local, path)
+            if move:
+                shutil.move(local, path)
+            else:
+                shutil.copyfile(local, path)
         else:
             self.fs.put_file(str(local), path)
 

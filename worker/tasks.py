@@ -195,19 +195,20 @@ def _quantize(engine, job: dict, scratch: Path, on_progress, should_stop, made: 
 
 
 def _evaluate(engine, job: dict, scratch: Path, on_progress, should_stop, made: dict) -> tuple[str, dict]:
-    """Score the model on the job's clips (tarq.evaluate) with the model this worker serves transcriptions
-    with: the same cache, device and TARQ_DTYPE."""
+    """Score the model on the job's clips (tarq.evaluate) as this worker would serve it: the same files,
+    device and TARQ_DTYPE. Loaded for the job and dropped with it, not kept in the transcription cache: a
+    worker that only quantizes would otherwise hold it between jobs."""
     from tarq.errors import Cancelled
     from tarq.evaluate import evaluate
     from tarq.progress import Progress
     from tarq.qlinear import counting_kernels
-    from tarq.transcribe import dtype_name
+    from tarq.transcribe import dtype_name, load
 
     config = job["config"]
     clips = storage().get_dir(f"uploads/{job['id']}/eval", scratch / "eval")
     source = model_files(config["model"])
     on_progress(Progress("load"))
-    loaded = model_cache().get(str(source), device(), get_settings().dtype)
+    loaded = load(source, device=device(), dtype=get_settings().dtype)
 
     def progress(done: int, total: int) -> None:
         if should_stop():
