@@ -59,6 +59,13 @@ jobs = Table(
     # what the job does: "quantize" (makes model_id) or "evaluate" (makes result); app.jobs.KINDS
     Column("kind", String(16), nullable=False, server_default="quantize", index=True),
     Column("result", JSON),  # an evaluation's scores and hypotheses
+    # where the job's final state is POSTed (app.callbacks) and how that went: status None until it ends,
+    # then pending (next try at callback_at) | sending (claimed at callback_at) | delivered | failed
+    Column("callback_url", Text),
+    Column("callback_status", String(16)),
+    Column("callback_attempts", Integer, nullable=False, server_default="0"),
+    Column("callback_at", DateTime(timezone=True)),
+    Column("callback_error", Text),
     UniqueConstraint("owner", "idempotency_key", name="uq_tarq_jobs_owner_idem"),
 )
 
@@ -80,7 +87,7 @@ models = Table(
 )
 # The revision app/migrations brings a database to, which the tables above describe; a change to them is a
 # new revision there (tests/service/test_migrations.py checks that the two agree).
-HEAD = "0003"
+HEAD = "0004"
 FIRST = "0001"  # the schema create_all made before migrations existed
 
 _engines: dict[tuple[int, str], Engine] = {}

@@ -72,7 +72,7 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _row(row) -> dict:
     data = dict(row._mapping)
-    for key in ("created_at", "updated_at", "started_at", "finished_at", "heartbeat_at"):
+    for key in ("created_at", "updated_at", "started_at", "finished_at", "heartbeat_at", "callback_at"):
         if key in data:
             data[key] = _aware(data[key])
     return data
@@ -89,6 +89,7 @@ def create_job(
     idempotency_key: str | None = None,
     job_id: str | None = None,
     kind: str = QUANTIZE,
+    callback_url: str | None = None,
 ) -> tuple[dict, bool]:
     """Insert a queued job; with an idempotency key already used by this owner, return that job instead
     (of whatever kind: the route tells a client who used a key for another kind). Returns (job, created)."""
@@ -100,7 +101,7 @@ def create_job(
     values = dict(
         id=job_id or new_id(), status=QUEUED, owner=owner, idempotency_key=idempotency_key or None,
         source_model=source_model, config=config, files=files, fraction=0.0, cancel_requested=False,
-        attempts=0, created_at=stamp, updated_at=stamp, kind=kind,
+        attempts=0, created_at=stamp, updated_at=stamp, kind=kind, callback_url=callback_url,
     )
     try:
         with engine.begin() as conn:
@@ -138,11 +139,13 @@ def get_job(engine: Engine, job_id: str, kind: str | None = None) -> dict:
 
 
 def list_jobs(engine: Engine, *, limit: int = 20, after: str | None = None, status: str | None = None,
-              kind: str = QUANTIZE) -> list[dict]:
+              kind: str = QUANTIZE, source_model: str | None = None) -> list[dict]:
     """Newest first; `after` is the id of the last job of the previous page (cursor pagination)."""
     query = select(jobs).where(jobs.c.kind == kind)
     if status:
         query = query.where(jobs.c.status == status)
+    if source_model:
+        query = query.where(jobs.c.source_model == source_model)
     if after:
         cursor = get_job(engine, after, kind)
         query = query.where(
@@ -306,6 +309,9 @@ def public_job(job: dict) -> dict:
         "cancel_requested": bool(job["cancel_requested"]),
         "attempts": job["attempts"],
         "idempotency_key": job["idempotency_key"],
+        "callback": {"url": job["callback_url"], "status": job["callback_status"] or "waiting",
+                     "attempts": job["callback_attempts"] or 0, "error": job["callback_error"]}
+        if job.get("callback_url") else None,
         **{k: job[k].isoformat() if job[k] else None for k in stamps},
     }
 

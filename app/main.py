@@ -26,6 +26,7 @@ from app.storage import StorageUnavailable
 log = logging.getLogger("tarq.api")
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
 RATE_LIMITED = ("/v1/quantizations", "/v1/evaluations", "/v1/models")  # POSTs: work queued or stored per call
+CALLBACK_SWEEP_SECONDS = 2.0  # how often each API process looks for job callbacks that are due
 MULTIPART_SLACK = 1 << 20  # form fields and part headers on top of the files themselves
 
 
@@ -94,6 +95,14 @@ def reap_once(settings: Settings) -> list[tuple[str, str]]:
     return done
 
 
+def send_callbacks(settings: Settings) -> dict[str, str]:
+    """The job callbacks that are due (app.callbacks): jobs this API ended, retries, orphaned claims."""
+    from app import callbacks
+    from app.db import get_engine
+
+    return callbacks.deliver_due(get_engine(settings.database), settings)
+
+
 def create_app() -> FastAPI:
     logs.setup()
 
@@ -110,20 +119,22 @@ def create_app() -> FastAPI:
         except Exception as err:  # the API still starts; /readyz reports the database down
             log.error("database unavailable at startup: %s", err)
 
-        async def reaper():
-            interval = max(1.0, min(30.0, settings.stale_after_seconds / 4))
+        async def every(interval: float, work, name: str):
             while True:
                 await asyncio.sleep(interval)
                 try:
-                    await to_thread.run_sync(reap_once, settings)
+                    await to_thread.run_sync(work, settings)
                 except Exception as err:
-                    log.warning("reaper: %s", err)
+                    log.warning("%s: %s", name, err)
 
-        task = asyncio.create_task(reaper())
+        # callbacks in a loop of their own: a receiver that times out must not hold up the reaper
+        tasks = [asyncio.create_task(every(max(1.0, min(30.0, settings.stale_after_seconds / 4)), reap_once, "reaper")),
+                 asyncio.create_task(every(CALLBACK_SWEEP_SECONDS, send_callbacks, "callbacks"))]
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
 
     app = FastAPI(
         title="tarq",

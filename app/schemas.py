@@ -62,6 +62,13 @@ class Progress(BaseModel):
     loss: float | None
 
 
+class Callback(BaseModel):
+    url: str
+    status: str  # waiting (the job runs) | pending (a try is due) | sending | delivered | failed
+    attempts: int
+    error: str | None  # why the last try failed
+
+
 class JobPublic(BaseModel):
     """What a quantization and an evaluation both are: a job record (app.jobs)."""
 
@@ -74,6 +81,7 @@ class JobPublic(BaseModel):
     cancel_requested: bool
     attempts: int
     idempotency_key: str | None
+    callback: Callback | None
     created_at: str | None
     started_at: str | None
     finished_at: str | None

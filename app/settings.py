@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     # a job whose worker could not reach the artifact store is queued again after this long, doubled at
     # each attempt (at most half of stale_after_seconds, so the reaper does not take the wait for a loss)
     storage_retry_seconds: float = Field(default=30.0, gt=0)
+    # job callbacks (app.callbacks): tries per job, the wait before the second (doubled after each), the
+    # timeout of one POST, and whether a callback may go to a private, loopback or link-local address
+    # (off: a key holder could otherwise make the service call into its own network)
+    callback_attempts: int = Field(default=5, ge=1)
+    callback_retry_seconds: float = Field(default=10.0, gt=0)
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    callback_private_ok: bool = False
     quantize_time_limit: int = 6 * 3600
     transcribe_time_limit: int = 600
     transcribe_wait_seconds: float = 600.0

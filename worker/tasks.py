@@ -26,7 +26,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from app import jobs
+from app import callbacks, jobs
 from app.db import get_engine
 from app.settings import get_settings
 from app.storage import StorageUnavailable, storage_from_settings
@@ -166,6 +166,11 @@ def quantize(self, job_id: str) -> dict:
         return {"job": job_id, "status": status}
     _forget_partial(f"uploads/{job_id}")  # a finished job needs its uploads no more
     log.info("job %s %s", job_id, status)
+    if job["callback_url"]:
+        try:  # at once; the API's sweep sends it later if this try does not happen or fails
+            callbacks.deliver(engine, settings, job_id)
+        except Exception as err:  # noqa: BLE001 -- the job has ended either way
+            log.warning("job %s: callback not sent: %s", job_id, err)
     return {"job": job_id, "status": status}
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Header, Query, UploadFile
 from sse_starlette import EventSourceResponse
 
-from app import jobs
+from app import callbacks, jobs
 from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
 from app.routes import job_routes
 from app.routes.transcriptions import resolve_model
@@ -38,12 +38,14 @@ def create_evaluation(
     transcripts: Annotated[UploadFile | None, File(description="file<TAB>reference text, one line per clip")] = None,
     zipf_threshold: Annotated[float, Form(ge=1.0, le=7.0, description="a word is rare below this wordfreq "
                                                                        "Zipf frequency")] = 3.0,
+    callback_url: Annotated[str | None, Form(max_length=2000, description=job_routes.CALLBACK_FIELD)] = None,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ):
     """Score `model` on the clips against their reference transcripts: 202 with the evaluation, whose
     `result` holds the scores once it succeeded."""
     if earlier := job_routes.replayed(engine, owner, idempotency_key, jobs.EVALUATE):
         return earlier
+    callback_url = callbacks.checked(callback_url, settings)
     resolved = resolve_model(model, settings, engine)
     job_id = jobs.new_id()
     staging = settings.data_dir / "staging" / job_id
@@ -60,7 +62,7 @@ def create_evaluation(
     return job_routes.submit(engine, storage, celery, kind=jobs.EVALUATE, job_id=job_id, owner=owner, source=source,
                              config={"model": resolved, "zipf_threshold": zipf_threshold, "batch_size": BATCH_SIZE},
                              files={"eval": clips.summary()}, idempotency_key=idempotency_key,
-                             what=f"evaluate {source}")
+                             what=f"evaluate {source}", callback_url=callback_url)
 
 
 @router.get("", response_model=EvaluationList)
@@ -70,8 +72,9 @@ def list_evaluations(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64, description="last id of the previous page")] = None,
     status: Annotated[str | None, Query(pattern=job_routes.STATUS_PATTERN)] = None,
+    model: Annotated[str | None, Query(max_length=1000, description=job_routes.MODEL_FILTER)] = None,
 ):
-    return job_routes.page(engine, jobs.EVALUATE, limit, after, status)
+    return job_routes.page(engine, jobs.EVALUATE, limit, after, status, model)
 
 
 @router.get("/{job_id}", response_model=EvaluationPublic)

@@ -17,6 +17,7 @@ log = logging.getLogger("tarq.api")
 
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 STATUS_PATTERN = "^(queued|running|succeeded|failed|cancelled)$"
+MODEL_FILTER = "only those of this model, as their records name it"
 EVENTS_ANSWER = {200: {"content": {"text/event-stream": {}}, "description": "progress events"}}
 
 
@@ -43,14 +44,19 @@ def replayed(engine, owner: str, idempotency_key: str | None, kind: str) -> JSON
     return JSONResponse(jobs.public_job(earlier), status_code=200)
 
 
+CALLBACK_FIELD = ("an http(s) URL the job's final state is POSTed to, signed (X-Tarq-Signature: HMAC-SHA256 "
+                  "keyed with the hex sha256 of your API key)")
+
+
 def submit(engine, storage, celery, *, kind: str, job_id: str, owner: str, source: str, config: dict, files: dict,
-           idempotency_key: str | None, what: str) -> JSONResponse:
+           idempotency_key: str | None, what: str, callback_url: str | None = None) -> JSONResponse:
     """Record a job whose uploads are stored under uploads/<job_id> and send it: 202 with the job. A
     concurrent submission with the same key that won answers instead (200, these uploads dropped); a
     broker that cannot take the message leaves the job failed with the reason and answers 503."""
     try:
         job, created = jobs.create_job(engine, owner=owner, source_model=source, config=config, files=files,
-                                       idempotency_key=idempotency_key, job_id=job_id, kind=kind)
+                                       idempotency_key=idempotency_key, job_id=job_id, kind=kind,
+                                       callback_url=callback_url)
     except Exception:
         storage.delete(f"uploads/{job_id}")
         raise
@@ -72,8 +78,8 @@ def submit(engine, storage, celery, *, kind: str, job_id: str, owner: str, sourc
     return JSONResponse(jobs.public_job(job), status_code=202)
 
 
-def page(engine, kind: str, limit: int, after: str | None, status: str | None) -> dict:
-    rows = jobs.list_jobs(engine, limit=limit + 1, after=after, status=status, kind=kind)
+def page(engine, kind: str, limit: int, after: str | None, status: str | None, model: str | None) -> dict:
+    rows = jobs.list_jobs(engine, limit=limit + 1, after=after, status=status, kind=kind, source_model=model)
     shown = rows[:limit]
     return {"object": "list", "data": [jobs.public_job(j) for j in shown], "has_more": len(rows) > limit,
             "last_id": shown[-1]["id"] if shown else None}

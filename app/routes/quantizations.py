@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Header, Query, UploadFile
 from sse_starlette import EventSourceResponse
 
-from app import jobs
+from app import callbacks, jobs
 from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
 from app.routes import job_routes
 from app.schemas import ERROR_RESPONSES, ApiError, ErrorResponse, QuantizationList, QuantizationPublic
@@ -62,6 +62,7 @@ def create_quantization(
     eval_files: Annotated[list[UploadFile] | None, File()] = None,
     eval_archive: Annotated[UploadFile | None, File()] = None,
     eval_transcripts: Annotated[UploadFile | None, File()] = None,
+    callback_url: Annotated[str | None, Form(max_length=2000, description=job_routes.CALLBACK_FIELD)] = None,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ):
     """Validate everything, store the uploads, record the job, queue it. 202 with the job."""
@@ -69,6 +70,7 @@ def create_quantization(
 
     if earlier := job_routes.replayed(engine, owner, idempotency_key, jobs.QUANTIZE):
         return earlier
+    callback_url = callbacks.checked(callback_url, settings)
     overrides = {"method": method, "bits": bits, "group_size": group_size, "sym": sym}
     if num_samples is not None:
         overrides["num_samples"] = num_samples
@@ -110,7 +112,7 @@ def create_quantization(
 
     return job_routes.submit(engine, storage, celery, kind=jobs.QUANTIZE, job_id=job_id, owner=owner, source=source,
                              config=config.to_dict(), files=summary, idempotency_key=idempotency_key,
-                             what=f"{config.method} {source}")
+                             what=f"{config.method} {source}", callback_url=callback_url)
 
 
 @router.get("", response_model=QuantizationList)
@@ -120,8 +122,9 @@ def list_quantizations(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64, description="last id of the previous page")] = None,
     status: Annotated[str | None, Query(pattern=job_routes.STATUS_PATTERN)] = None,
+    source_model: Annotated[str | None, Query(max_length=1000, description=job_routes.MODEL_FILTER)] = None,
 ):
-    return job_routes.page(engine, jobs.QUANTIZE, limit, after, status)
+    return job_routes.page(engine, jobs.QUANTIZE, limit, after, status, source_model)
 
 
 @router.get("/{job_id}", response_model=QuantizationPublic)

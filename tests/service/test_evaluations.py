@@ -43,6 +43,10 @@ def test_an_evaluation_is_queued_and_kept_apart_from_quantizations(client, clips
     assert "no quantization job" in error_of(client.get(f"/v1/quantizations/{ev['id']}"), 404)["message"]
     assert "no evaluation job" in error_of(client.get(f"/v1/evaluations/{quantization['id']}"), 404)["message"]
     assert error_of(client.delete(f"/v1/evaluations/{quantization['id']}"), 404)
+    assert [e["id"] for e in client.get("/v1/evaluations", params={"model": ev["model"]}).json()["data"]] == [ev["id"]]
+    assert client.get("/v1/evaluations", params={"model": "another"}).json()["data"] == []
+    assert [q["id"] for q in client.get("/v1/quantizations", params={"source_model": quantization["source_model"]}
+                                        ).json()["data"]] == [quantization["id"]]
     assert sorted(stored_uploads(settings, ev["id"])) == sorted([c.name for c in clips[:2]] + ["transcripts.tsv"])
 
 
