@@ -177,10 +177,11 @@ def queued_since(engine: Engine) -> dict[str, datetime]:
     return {job_id: _aware(stamp) for job_id, stamp in rows}
 
 
-def count_by_status(engine: Engine) -> dict[str, int]:
+def count_by_status(engine: Engine) -> dict[tuple[str, str], int]:
+    """{(kind, status): jobs}"""
     with engine.connect() as conn:
-        rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
-        return {status: n for status, n in rows}
+        rows = conn.execute(select(jobs.c.kind, jobs.c.status, func.count()).group_by(jobs.c.kind, jobs.c.status))
+        return {(kind, status): n for kind, status, n in rows}
 
 
 def transition(engine: Engine, job_id: str, to: str, *, extra_where=None, **fields) -> dict:

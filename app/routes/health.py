@@ -21,10 +21,10 @@ router = APIRouter(tags=["health"])
 
 # Module-level: prometheus_client's registry is process-wide, so these are created once per process.
 REQUESTS = Counter("tarq_http_requests_total", "HTTP requests", ["method", "route", "status"])
-JOBS_SUBMITTED = Counter("tarq_jobs_submitted_total", "Quantization jobs accepted")
+JOBS_SUBMITTED = Counter("tarq_jobs_submitted_total", "Jobs accepted, by kind (quantize, evaluate)", ["kind"])
 TRANSCRIBE_SECONDS = Histogram("tarq_transcription_seconds", "Transcription latency seen by the API",
                                buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
-JOBS = Gauge("tarq_jobs", "Quantization jobs by status", ["status"])
+JOBS = Gauge("tarq_jobs", "Jobs by kind (quantize, evaluate) and status", ["kind", "status"])
 KERNEL_CALLS = Counter("tarq_quantlinear_calls_total",
                        "Quantized Linear forwards in the transcriptions this API answered, by kernel path", ["kernel"])
 
@@ -72,8 +72,9 @@ async def readyz(settings: SettingsDep):
 def metrics(settings: SettingsDep, _: KeyDep):
     try:
         counts = jobs.count_by_status(get_engine(settings.database))
-        for status in jobs.TRANSITIONS:
-            JOBS.labels(status).set(counts.get(status, 0))
+        for kind in jobs.KINDS:
+            for status in jobs.TRANSITIONS:
+                JOBS.labels(kind, status).set(counts.get((kind, status), 0))
     except Exception as err:  # metrics stay scrapeable while the database is down
         log.warning("job counts unavailable: %s", err)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -73,7 +73,7 @@ def submit(engine, storage, celery, *, kind: str, job_id: str, owner: str, sourc
                        code="broker_unavailable") from None
     from app.routes.health import JOBS_SUBMITTED
 
-    JOBS_SUBMITTED.inc()
+    JOBS_SUBMITTED.labels(kind).inc()
     log.info("job %s queued: %s", job_id, what)
     return JSONResponse(jobs.public_job(job), status_code=202)
 

@@ -122,3 +122,15 @@ def test_the_worker_scores_an_evaluation_and_stops_when_cancelled(client, engine
     assert (seen[-1].layer, seen[-1].layers_total) == (3, 3)
     with pytest.raises(Cancelled):
         tasks._evaluate(engine, job, tmp_path / "scratch2", seen.append, lambda: True, {})
+
+
+def test_metrics_count_jobs_by_kind_and_status(client, clips, clip_transcripts):
+    evaluate(client, clips[:1], transcripts_of(clips[:1], clip_transcripts))
+    submit(client, clips[:1])
+    cancelled = submit(client, clips[:1]).json()["id"]
+    client.delete(f"/v1/quantizations/{cancelled}")
+    text = client.get("/metrics").text
+    for kind, status, n in (("evaluate", "queued", 1), ("quantize", "queued", 1), ("quantize", "cancelled", 1),
+                            ("evaluate", "succeeded", 0)):
+        assert f'tarq_jobs{{kind="{kind}",status="{status}"}} {n:.1f}' in text, (kind, status)
+    assert 'tarq_jobs_submitted_total{kind="evaluate"}' in text
