@@ -2,7 +2,8 @@
 
 A local model folder is uploaded first (POST /v1/models); clips go as one tar.gz; a job's progress events
 drive a progress bar; a quantized folder is downloaded into --out, evaluations print `tarq eval`'s table.
-Only the HTTP API is used (httpx), so the server can be anywhere a GPU is.
+Only the HTTP API is used (httpx), so the server can be anywhere a GPU is. Every upload and submission
+carries an Idempotency-Key of its own and is sent again when the connection fails.
 """
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import click
 
 CONNECT_TIMEOUT_S = 10.0
+SUBMIT_TRIES = 3
 
 
 class Remote:
@@ -28,13 +32,25 @@ class Remote:
         self.client = httpx.Client(base_url=server.rstrip("/") + "/v1", headers={"Authorization": f"Bearer {key}"},
                                    timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S))
 
-    def call(self, method: str, path: str, **kw) -> dict:
-        try:
-            response = self.client.request(method, path, **kw)
-        except self.httpx.HTTPError as err:
-            raise click.ClickException(f"cannot reach {self.client.base_url}: {err}") from None
-        self.check(response)
-        return response.json()
+    def submit(self, path: str, *, data: dict, files: dict | None = None) -> dict:
+        """POST a submission (an upload, a quantization, an evaluation) under an Idempotency-Key of its own,
+        sent again when the connection fails: if the server got it and only its answer was lost, it answers
+        with what the first one made instead of doing the work twice."""
+        headers = {"Idempotency-Key": f"tarq-remote-{uuid.uuid4().hex}"}
+        for attempt in range(1, SUBMIT_TRIES + 1):
+            for _, f, *_ in (files or {}).values():
+                f.seek(0)  # a try that failed may have read some of it
+            try:
+                response = self.client.post(path, data=data, files=files, headers=headers)
+            except self.httpx.TransportError as err:
+                if attempt == SUBMIT_TRIES:
+                    raise click.ClickException(f"cannot reach {self.client.base_url}: {err}") from None
+                click.echo(f"{path}: {type(err).__name__}; sending it again", err=True)
+                time.sleep(attempt)
+                continue
+            self.check(response)
+            return response.json()
+        raise AssertionError("unreachable")
 
     def check(self, response) -> None:
         if response.status_code < 400:
@@ -100,8 +116,8 @@ def _model_on_server(api: Remote, model: str, tmp: Path) -> str:
         return model
     folder = Path(model)
     with open(_tar(folder, tmp / "model.tar", folder.name, gz=False), "rb") as f:
-        uploaded = api.call("POST", "/models", data={"name": folder.name},
-                            files={"archive": ("model.tar", f, "application/x-tar")})["id"]
+        uploaded = api.submit("/models", data={"name": folder.name},
+                              files={"archive": ("model.tar", f, "application/x-tar")})["id"]
     click.echo(f"uploaded {folder} as {uploaded}", err=True)
     return uploaded
 
@@ -140,10 +156,10 @@ def quantize_remote(model, server, key, calib, method, num_samples, out):
             form["num_samples"] = str(num_samples)
         if calib is not None:
             with open(_tar(calib, Path(tmp) / "calib.tar.gz", "calib", gz=True), "rb") as f:
-                job = api.call("POST", "/quantizations", data=form,
-                               files={"archive": ("calib.tar.gz", f, "application/gzip")})
+                job = api.submit("/quantizations", data=form,
+                                 files={"archive": ("calib.tar.gz", f, "application/gzip")})
         else:
-            job = api.call("POST", "/quantizations", data=form)
+            job = api.submit("/quantizations", data=form)
     click.echo(f"job {job['id']}", err=True)
     with _progress_bar() as bar:
         job = api.follow(job["id"], bar)
@@ -179,8 +195,8 @@ def eval_remote(models, server, key, data, json_out):
         for model in models:  # all queued first: a server with several workers runs them side by side
             model = _model_on_server(api, model, Path(tmp))
             with open(clips, "rb") as f:
-                job = api.call("POST", "/evaluations", data={"model": model},
-                               files={"archive": ("data.tar.gz", f, "application/gzip")})
+                job = api.submit("/evaluations", data={"model": model},
+                                 files={"archive": ("data.tar.gz", f, "application/gzip")})
             click.echo(f"evaluation {job['id']}: {model}", err=True)
             submitted.append(job)
     results = []

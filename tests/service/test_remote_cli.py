@@ -109,3 +109,67 @@ def test_a_streamed_refusal_reads_as_one_line(server, tmp_path):
         api.follow("nope", bar)
     with pytest.raises(click.ClickException, match="server said 404: no model with id 'nope'"):
         api.download("nope", tmp_path / "out")
+
+
+class DropFirstAnswer:
+    """A TCP proxy to `target` that relays everything, except that on its first connection it hangs up as
+    soon as the server starts to answer: the server did the work, the client never hears of it."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target_port, self.connections = target_port, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            drop = self.connections == 1
+            threading.Thread(target=self.pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self.pump, args=(upstream, client, drop), daemon=True).start()
+
+    @staticmethod
+    def pump(src, dst, drop: bool):
+        import socket
+
+        try:
+            while chunk := src.recv(65536):
+                if drop:
+                    break
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for sock in (src, dst):  # shutdown, not only close: the other direction's thread still holds them
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+
+def test_a_submission_whose_answer_is_lost_is_sent_again_and_runs_once(server, subprocess_env, tmp_path):
+    """The first POST reaches the server, which queues the job, but its answer never comes back: the
+    client sends it again under the same Idempotency-Key and gets the same job, not a second one."""
+    import httpx
+
+    url, key = server
+    proxy = DropFirstAnswer(int(url.rsplit(":", 1)[1]))
+    done = remote(dict(subprocess_env, TARQ_API_KEY=key), "quantize", "tiny-whisper", "--server", proxy.url,
+                  "--method", "rtn")
+    assert done.returncode == 0, done.stderr
+    assert "/quantizations: RemoteProtocolError; sending it again" in done.stderr
+    listed = httpx.get(f"{url}/v1/quantizations", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert len(listed) == 1 and listed[0]["status"] == "succeeded" and listed[0]["idempotency_key"]
+    assert done.stdout.strip() == listed[0]["model"]
+    proxy.listener.close()
