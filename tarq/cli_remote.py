@@ -50,7 +50,7 @@ class Remote:
                 continue
             self.check(response)
             return response.json()
-        raise AssertionError("unreachable")
+        raise AssertionError("the last try returns or raises")
 
     def check(self, response) -> None:
         if response.status_code < 400:
@@ -62,10 +62,10 @@ class Remote:
             message = response.text[:200] or response.reason_phrase
         raise click.ClickException(f"server said {response.status_code}: {message}")
 
-    def follow(self, job_id: str, bar, kind: str = "quantizations") -> dict:
-        """Read the job's server-sent events until its end; returns the final job."""
+    def follow(self, job_id: str, bar, route: str = "quantizations") -> dict:
+        """Read the job's server-sent events (under /v1/<route>) until its end; returns the final job."""
         try:
-            with self.client.stream("GET", f"/{kind}/{job_id}/events") as response:
+            with self.client.stream("GET", f"/{route}/{job_id}/events") as response:
                 self.check(response)
                 kind = None
                 for line in response.iter_lines():
@@ -202,7 +202,7 @@ def eval_remote(models, server, key, data, json_out):
     results = []
     for job in submitted:
         with _progress_bar() as bar:
-            job = api.follow(job["id"], bar, kind="evaluations")
+            job = api.follow(job["id"], bar, route="evaluations")
         if job["status"] != "succeeded":
             raise click.ClickException(f"evaluation {job['id']} of {job['model']} {job['status']}: "
                                        f"{job.get('error') or 'no reason given'}")

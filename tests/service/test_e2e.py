@@ -16,10 +16,10 @@ from tests.service.conftest import REDIS_URL, free_port, stop, tarq_command, wai
 pytestmark = pytest.mark.slow
 
 
-def follow(client: httpx.Client, job_id: str, timeout: float = 600, kind: str = "quantizations") -> tuple[dict, list[dict]]:
+def follow(client: httpx.Client, job_id: str, timeout: float = 600, route: str = "quantizations") -> tuple[dict, list[dict]]:
     """Read the job's SSE stream to its `end` event; returns (final job, progress events)."""
     events, final = [], None
-    with client.stream("GET", f"/v1/{kind}/{job_id}/events", timeout=timeout) as response:
+    with client.stream("GET", f"/v1/{route}/{job_id}/events", timeout=timeout) as response:
         assert response.status_code == 200
         kind = None
         for line in response.iter_lines():
@@ -110,7 +110,7 @@ def evaluation_flow(client: httpx.Client, clips, transcripts: bytes, quantized: 
         files.append(("transcripts", ("transcripts.tsv", refs.encode(), "text/tab-separated-values")))
         made = client.post("/v1/evaluations", data={"model": model}, files=files)
         assert made.status_code == 202, made.text
-        ev, events = follow(client, made.json()["id"], kind="evaluations")
+        ev, events = follow(client, made.json()["id"], route="evaluations")
         assert ev["status"] == "succeeded" and ev["attempts"] == 1, ev["error"]
         assert events and {e["object"] for e in events} == {"evaluation"}
         results[model] = ev["result"]
