@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # submissions (POST /v1/quantizations) per API key and minute, token bucket; 0 turns the limit off
     rate_limit_per_minute: float = 30.0
     rate_limit_burst: int = 0  # bucket size; 0: one minute's worth
+    # transcriptions and translations one API key may have waiting at once in each API process (429 past
+    # it); 0: no cap
+    max_transcriptions_per_key: int = Field(default=0, ge=0)
 
     # jobs
     heartbeat_seconds: float = 5.0

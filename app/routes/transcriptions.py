@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from app import jobs, task_wait
 from app.deps import CeleryDep, EngineDep, KeyDep, SettingsDep, StorageDep
+from app.ratelimit import InFlight
 from app.routes.job_routes import PUBLISH_RETRY
 from app.schemas import ERROR_RESPONSES, ApiError
 from app.settings import Settings
@@ -79,7 +80,7 @@ def create_transcription(
     engine: EngineDep,
     storage: StorageDep,
     celery: CeleryDep,
-    _: KeyDep,
+    owner: KeyDep,
     file: Annotated[UploadFile, File()],
     model: Annotated[str, Form()],
     language: Annotated[str | None, Form(max_length=16)] = None,
@@ -88,7 +89,7 @@ def create_transcription(
     response_format: Annotated[str, Form()] = "json",
     timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
 ):
-    return respond(settings, engine, storage, celery, file=file, model=model, language=language, prompt=prompt,
+    return respond(settings, engine, storage, celery, owner, file=file, model=model, language=language, prompt=prompt,
                   temperature=temperature, response_format=response_format,
                   timestamp_granularities=timestamp_granularities, task="transcribe")
 
@@ -99,7 +100,7 @@ def create_translation(
     engine: EngineDep,
     storage: StorageDep,
     celery: CeleryDep,
-    _: KeyDep,
+    owner: KeyDep,
     file: Annotated[UploadFile, File()],
     model: Annotated[str, Form()],
     prompt: Annotated[str | None, Form(max_length=4000, description="in English")] = None,
@@ -108,87 +109,92 @@ def create_translation(
 ):
     """OpenAI's translations: the speech of the clip, in any language Whisper knows, as English text
     (a multilingual model's translate task; an English-only model answers 422)."""
-    return respond(settings, engine, storage, celery, file=file, model=model, language=None, prompt=prompt,
+    return respond(settings, engine, storage, celery, owner, file=file, model=model, language=None, prompt=prompt,
                   temperature=temperature, response_format=response_format, timestamp_granularities=None,
                   task="translate")
 
 
-def respond(settings: Settings, engine, storage, celery, *, file: UploadFile, model: str, language: str | None,
-           prompt: str | None, temperature: float, response_format: str, timestamp_granularities: list[str] | None,
-           task: str):
-    """Check the request, send it to a worker, wait, and render what comes back."""
-    from tarq.formats import LANGUAGES, Transcript, check_format, check_granularities, render
+IN_FLIGHT = InFlight()  # this process's transcriptions under way, per key
 
-    try:
-        check_format(response_format)
-        granularities = check_granularities(timestamp_granularities or ["segment"])
-    except ValueError as err:
-        raise ApiError(422, str(err), param="response_format") from None
-    if timestamp_granularities and response_format != "verbose_json":
-        raise ApiError(422, "timestamp_granularities[] needs response_format verbose_json",
-                       param="timestamp_granularities[]")
-    if language is not None and language not in LANGUAGES:
-        raise ApiError(422, f"language {language!r} is not an ISO-639-1 code Whisper knows", param="language")
-    source = resolve_model(model, settings, engine)
 
-    request_id = jobs.new_id()
-    name = safe_name(file.filename or "audio", "file")
-    staging = settings.data_dir / "staging" / request_id
-    staging.mkdir(parents=True, exist_ok=True)
-    key = f"tmp/{request_id}/{name}"
-    try:
-        copy_limited(file.file, staging / name, name, Budget(settings))
-        check_audio(staging / name, name, settings, "file")
-        storage.put_file(staging / name, key, move=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def respond(settings: Settings, engine, storage, celery, owner: str, *, file: UploadFile, model: str,
+           language: str | None, prompt: str | None, temperature: float, response_format: str,
+           timestamp_granularities: list[str] | None, task: str):
+    """Check the request, send it to a worker, wait, and render what comes back; at most
+    TARQ_MAX_TRANSCRIPTIONS_PER_KEY of one key's at once."""
+    with IN_FLIGHT.hold(owner, settings.max_transcriptions_per_key):
+        from tarq.formats import LANGUAGES, Transcript, check_format, check_granularities, render
 
-    payload = {"model": source, "audio_key": key, "name": name, "language": language, "prompt": prompt,
-               "temperature": temperature, "word_timestamps": "word" in granularities, "task": task}
-    started = time.perf_counter()
-    send = lambda task_id=None: celery.send_task("tarq.transcribe", args=[payload], queue="transcribe",  # noqa: E731
-                                                 retry_policy=PUBLISH_RETRY, task_id=task_id)
-    try:
         try:
-            result = send()
-        except Exception as err:
-            raise ApiError(503, f"the job queue (broker) is unavailable: {type(err).__name__}", type="server_error",
-                           code="broker_unavailable") from None
-        try:
-            answer = task_wait.wait(result, settings.transcribe_wait_seconds, settings, resend=lambda: send(result.id))
-        except Exception as err:
-            from celery.exceptions import TimeoutError as CeleryTimeout
+            check_format(response_format)
+            granularities = check_granularities(timestamp_granularities or ["segment"])
+        except ValueError as err:
+            raise ApiError(422, str(err), param="response_format") from None
+        if timestamp_granularities and response_format != "verbose_json":
+            raise ApiError(422, "timestamp_granularities[] needs response_format verbose_json",
+                           param="timestamp_granularities[]")
+        if language is not None and language not in LANGUAGES:
+            raise ApiError(422, f"language {language!r} is not an ISO-639-1 code Whisper knows", param="language")
+        source = resolve_model(model, settings, engine)
 
-            if isinstance(err, CeleryTimeout):
-                raise ApiError(504, f"no worker answered within {settings.transcribe_wait_seconds:g} s",
-                               type="server_error", code="timeout") from None
-            log.exception("transcription %s failed in the worker", request_id)
-            raise ApiError(500, f"transcription failed in the worker: {type(err).__name__}: {err}",
-                           type="server_error") from None
+        request_id = jobs.new_id()
+        name = safe_name(file.filename or "audio", "file")
+        staging = settings.data_dir / "staging" / request_id
+        staging.mkdir(parents=True, exist_ok=True)
+        key = f"tmp/{request_id}/{name}"
+        try:
+            copy_limited(file.file, staging / name, name, Budget(settings))
+            check_audio(staging / name, name, settings, "file")
+            storage.put_file(staging / name, key, move=True)
         finally:
-            try:
-                result.forget()
-            except Exception:  # some backends cannot forget; the result expires anyway
-                pass
-    finally:
-        storage.delete(f"tmp/{request_id}")
-    from app.routes.health import KERNEL_CALLS, TRANSCRIBE_SECONDS
+            shutil.rmtree(staging, ignore_errors=True)
 
-    waited = time.perf_counter() - started
-    TRANSCRIBE_SECONDS.observe(waited)
-    kernels = {str(k): int(n) for k, n in (answer.get("kernels") or {}).items()}
-    for kernel, calls in kernels.items():
-        KERNEL_CALLS.labels(kernel=kernel).inc(calls)
-    if "error" in answer:
-        raise worker_error(answer["error"], task)
-    body, media = render(Transcript.from_dict(answer["transcript"]), response_format, granularities=granularities)
-    headers = {}
-    if kernels:  # an RFC 8941 dictionary: the paths are lower-case tokens
-        headers[KERNELS_HEADER] = ", ".join(f"{k}={n}" for k, n in sorted(kernels.items()))
-    if answer.get("dtype"):
-        headers[DTYPE_HEADER] = str(answer["dtype"])
-    if isinstance(answer.get("seconds"), dict):
-        headers["Server-Timing"] = server_timing(answer["seconds"], waited)
-    if isinstance(body, dict):
-        return JSONResponse(body, headers=headers)
-    return PlainTextResponse(body, media_type=media, headers=headers)
+        payload = {"model": source, "audio_key": key, "name": name, "language": language, "prompt": prompt,
+                   "temperature": temperature, "word_timestamps": "word" in granularities, "task": task}
+        started = time.perf_counter()
+        send = lambda task_id=None: celery.send_task("tarq.transcribe", args=[payload], queue="transcribe",  # noqa: E731
+                                                     retry_policy=PUBLISH_RETRY, task_id=task_id)
+        try:
+            try:
+                result = send()
+            except Exception as err:
+                raise ApiError(503, f"the job queue (broker) is unavailable: {type(err).__name__}", type="server_error",
+                               code="broker_unavailable") from None
+            try:
+                answer = task_wait.wait(result, settings.transcribe_wait_seconds, settings, resend=lambda: send(result.id))
+            except Exception as err:
+                from celery.exceptions import TimeoutError as CeleryTimeout
+
+                if isinstance(err, CeleryTimeout):
+                    raise ApiError(504, f"no worker answered within {settings.transcribe_wait_seconds:g} s",
+                                   type="server_error", code="timeout") from None
+                log.exception("transcription %s failed in the worker", request_id)
+                raise ApiError(500, f"transcription failed in the worker: {type(err).__name__}: {err}",
+                               type="server_error") from None
+            finally:
+                try:
+                    result.forget()
+                except Exception:  # some backends cannot forget; the result expires anyway
+                    pass
+        finally:
+            storage.delete(f"tmp/{request_id}")
+        from app.routes.health import KERNEL_CALLS, TRANSCRIBE_SECONDS
+
+        waited = time.perf_counter() - started
+        TRANSCRIBE_SECONDS.observe(waited)
+        kernels = {str(k): int(n) for k, n in (answer.get("kernels") or {}).items()}
+        for kernel, calls in kernels.items():
+            KERNEL_CALLS.labels(kernel=kernel).inc(calls)
+        if "error" in answer:
+            raise worker_error(answer["error"], task)
+        body, media = render(Transcript.from_dict(answer["transcript"]), response_format, granularities=granularities)
+        headers = {}
+        if kernels:  # an RFC 8941 dictionary: the paths are lower-case tokens
+            headers[KERNELS_HEADER] = ", ".join(f"{k}={n}" for k, n in sorted(kernels.items()))
+        if answer.get("dtype"):
+            headers[DTYPE_HEADER] = str(answer["dtype"])
+        if isinstance(answer.get("seconds"), dict):
+            headers["Server-Timing"] = server_timing(answer["seconds"], waited)
+        if isinstance(body, dict):
+            return JSONResponse(body, headers=headers)
+        return PlainTextResponse(body, media_type=media, headers=headers)

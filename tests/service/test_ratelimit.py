@@ -1,4 +1,5 @@
-"""Per-key rate limit on submissions (token bucket, 429 + Retry-After) and keys kept out of the logs."""
+"""Per-key limits (a token bucket on submissions, a cap on transcriptions waiting; 429 + Retry-After) and
+keys kept out of the logs."""
 from __future__ import annotations
 
 import logging
@@ -137,3 +138,32 @@ def test_keys_never_appear_in_a_served_processs_output(tmp_path, subprocess_env,
     output = log_path.read_text(errors="replace")
     assert "POST /v1/quantizations" in output  # the access log was on
     assert key not in output and wrong not in output
+
+
+def test_a_key_has_at_most_its_cap_of_transcriptions_waiting(make_client, make_settings, database_url, tone_wav,
+                                                             tmp_path):
+    """TARQ_MAX_TRANSCRIPTIONS_PER_KEY=1 and no worker: a key's first transcription waits (then 504); a
+    second from the same key meanwhile is 429 with Retry-After at once; another key's goes
+    ahead; once the first has answered, the key may send again."""
+    import concurrent.futures
+    import time
+
+    settings = make_settings(database_url=database_url, api_keys="key-a,key-b", max_transcriptions_per_key=1,
+                             transcribe_wait_seconds=3)
+    a, b = make_client(settings, key="key-a"), make_client(settings, key="key-b")
+    clip = tone_wav(tmp_path / "tone.wav", 1.0)
+    send = lambda client: client.post("/v1/audio/transcriptions", data={"model": "tiny-whisper"},  # noqa: E731
+                                      files={"file": (clip.name, clip.read_bytes(), "audio/wav")})
+    tmp_uploads = settings.data_dir / "storage" / "tmp"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(send, a)
+        deadline = time.monotonic() + 10
+        while not (tmp_uploads.is_dir() and any(tmp_uploads.iterdir())):  # the first is stored and waiting
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        other_key = pool.submit(send, b)
+        refused = send(a)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+        assert refused.json()["error"]["code"] == "too_many_in_flight"
+        assert first.result().status_code == 504 and other_key.result().status_code == 504
+    assert send(a).status_code == 504  # its slot came back
