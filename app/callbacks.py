@@ -6,9 +6,9 @@ TARQ_CALLBACK_ATTEMPTS are used.
 that submitted the job, so its owner can check that the call is the server's (`hmac.new(sha256(key).
 hexdigest().encode(), body, "sha256")`). `X-Tarq-Delivery` names the job and the try.
 
-The worker that ends a job delivers at once (`deliver`); every API process's reaper loop sends what is due
-(`deliver_due`): jobs the API ended (a cancel, a lost worker's last attempt), tries after a failure, and
-claims left by a process that died mid-send. A claim is one guarded UPDATE, so two senders never both try.
+The worker that ends a job delivers at once (`deliver`); every API process sends what is due every
+CALLBACK_SWEEP_SECONDS (`deliver_due`, from a loop beside the reaper's): jobs the API ended (a cancel, a
+lost worker's last attempt), tries after a failure, and claims left by a process that died mid-send. A claim is one guarded UPDATE, so two senders never both try.
 A URL is checked when the job is submitted and again before each try (its name may resolve elsewhere by
 then): http(s) only, and no private, loopback or link-local address unless TARQ_CALLBACK_PRIVATE_OK.
 """
