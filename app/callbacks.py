@@ -10,7 +10,9 @@ The worker that ends a job delivers at once (`deliver`); every API process sends
 CALLBACK_SWEEP_SECONDS (`deliver_due`, from a loop beside the reaper's): jobs the API ended (a cancel, a
 lost worker's last attempt), tries after a failure, and claims left by a process that died mid-send. A claim is one guarded UPDATE, so two senders never both try.
 A URL is checked when the job is submitted and again before each try (its name may resolve elsewhere by
-then): http(s) only, and no private, loopback or link-local address unless TARQ_CALLBACK_PRIVATE_OK.
+then): http(s) only, and no private, loopback or link-local address unless TARQ_CALLBACK_PRIVATE_OK. A try
+connects to an address that check resolved, never to what the name resolves to a moment later (DNS
+rebinding): the Host header and, over https, the TLS server name and certificate check keep the URL's name.
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ class BadCallback(ValueError):
 
 def check_url(url: str, private_ok: bool) -> str:
     """The URL if a callback may go there; BadCallback saying why not."""
+    return resolve(url, private_ok)[0]
+
+
+def resolve(url: str, private_ok: bool) -> tuple[str, list[str]]:
+    """(the URL, the addresses its host resolves to, every one checked); BadCallback saying why not."""
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadCallback(f"callback_url {url!r} is not an http(s) URL")
@@ -50,12 +57,15 @@ def check_url(url: str, private_ok: bool) -> str:
         found = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, ValueError) as err:
         raise BadCallback(f"callback_url host {parts.hostname!r} does not resolve: {err}") from None
+    addresses: list[str] = []
     for *_, address in found:
         ip = ipaddress.ip_address(address[0].split("%")[0])
         if not private_ok and not ip.is_global:
             raise BadCallback(f"callback_url host {parts.hostname!r} is a private, loopback or link-local "
                               f"address ({ip}); TARQ_CALLBACK_PRIVATE_OK=1 allows it")
-    return url.strip()
+        if str(ip) not in addresses:
+            addresses.append(str(ip))
+    return url.strip(), addresses
 
 
 def checked(url: str | None, settings) -> str | None:
@@ -98,14 +108,32 @@ def _send(job: dict, settings) -> str | None:
     headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(body, job["owner"]),
                DELIVERY_HEADER: f"{job['id']}/{job['callback_attempts'] + 1}", "User-Agent": "tarq-callback"}
     try:
-        check_url(job["callback_url"], settings.callback_private_ok)
-        answer = httpx.post(job["callback_url"], content=body, headers=headers,
-                            timeout=settings.callback_timeout_seconds, follow_redirects=False)
+        url, addresses = resolve(job["callback_url"], settings.callback_private_ok)
+        answer = _post_pinned(url, addresses, body, headers, settings.callback_timeout_seconds)
     except BadCallback as err:
         return str(err)
     except httpx.HTTPError as err:
         return f"{type(err).__name__}: {err}"[:500]
     return None if answer.is_success else f"the receiver answered {answer.status_code}"
+
+
+def _post_pinned(url: str, addresses: list[str], body: bytes, headers: dict, timeout: float):
+    """POST to `url` at one of `addresses` (the next on a failed connect), as if to its name."""
+    import httpx
+
+    target = httpx.URL(url)
+    headers = {**headers, "Host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        for k, address in enumerate(addresses):
+            request = client.build_request("POST", target.copy_with(host=address), content=body, headers=headers,
+                                           extensions=extensions)
+            try:
+                return client.send(request)
+            except httpx.ConnectError:
+                if k == len(addresses) - 1:
+                    raise
+    raise BadCallback(f"callback_url host {target.host!r} resolves to no address")
 
 
 def deliver(engine, settings, job_id: str) -> str | None:

@@ -9,6 +9,8 @@ import hmac
 import http.server
 import json
 import re
+import socket
+import ssl
 import threading
 import time
 
@@ -19,9 +21,10 @@ from tests.service.test_api import error_of
 
 
 class Receiver:
-    """Records each POST (headers, body) and answers the next of `codes` (then 200)."""
+    """Records each POST (headers, body) and answers the next of `codes` (then 200); on `host`:`port`,
+    over TLS with `tls` (an ssl.SSLContext) recording the server name each client asked for."""
 
-    def __init__(self, codes=()):
+    def __init__(self, codes=(), host="127.0.0.1", port=0, tls=None):
         self.calls: list[tuple[dict, bytes]] = []
         self.codes = list(codes)
         receiver = self
@@ -37,8 +40,13 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}/hook"
+        self.server_names: list[str | None] = []
+        if tls is not None:
+            tls.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
@@ -46,8 +54,8 @@ class Receiver:
 def receiver():
     made = []
 
-    def make(codes=()):
-        made.append(Receiver(codes))
+    def make(codes=(), **kw):
+        made.append(Receiver(codes, **kw))
         return made[-1]
 
     yield make
@@ -124,6 +132,94 @@ def test_a_cancelled_queued_job_is_reported_and_two_senders_send_once(hooked, en
         results = list(pool.map(lambda _: callbacks.deliver(engine, settings, job["id"]), range(4)))
     assert sorted(results, key=str) == [None, None, None, "delivered"]
     assert len(r.calls) == 1 and json.loads(r.calls[0][1])["status"] == "cancelled"
+
+
+@pytest.fixture
+def rebinding(monkeypatch):
+    """DNS that answers `rebind.test` with the addresses in `answers`, one list per lookup, the last
+    one for every lookup after it (a real rebinding name server cannot run here); other names resolve."""
+    real = socket.getaddrinfo
+    answers: list[list[str]] = []
+
+    def getaddrinfo(host, port, *args, **kw):
+        if host != "rebind.test":
+            return real(host, port, *args, **kw)
+        found = answers.pop(0) if len(answers) > 1 else answers[0]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, port)) for a in found]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def test_a_try_connects_to_the_address_its_check_resolved(hooked, engine, receiver, rebinding):
+    """The name resolves to the receiver when checked and elsewhere a moment later: the POST still goes to
+    the checked address, with the URL's name in Host."""
+    client, settings = hooked
+    good = receiver()
+    other = receiver(host="127.0.0.2", port=good.port)
+    url = f"http://rebind.test:{good.port}/hook"
+    rebinding[:] = [["127.0.0.1"]]
+    job = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn", "callback_url": url})
+    assert job.status_code == 202, job.text
+    end(engine, job.json()["id"])
+    rebinding[:] = [["127.0.0.1"], ["127.0.0.2"]]  # the check's lookup, then every later one
+    assert callbacks.deliver_due(engine, settings) == {job.json()["id"]: "delivered"}
+    assert other.calls == [] and len(good.calls) == 1
+    assert good.calls[0][0]["Host"] == f"rebind.test:{good.port}"
+
+
+def test_an_unreachable_first_address_falls_to_the_next_checked_one(hooked, engine, receiver, rebinding):
+    client, settings = hooked
+    good = receiver(host="127.0.0.2")
+    rebinding[:] = [["127.0.0.3", "127.0.0.2"]]  # nothing listens on 127.0.0.3
+    url = f"http://rebind.test:{good.port}/hook"
+    job = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn", "callback_url": url})
+    end(engine, job.json()["id"])
+    assert callbacks.deliver_due(engine, settings) == {job.json()["id"]: "delivered"}
+    assert len(good.calls) == 1
+
+
+def test_https_keeps_the_name_for_the_server_name_and_the_certificate(hooked, engine, receiver, rebinding,
+                                                                      tmp_path, monkeypatch):
+    """Connected by address, the TLS handshake still asks for rebind.test and checks the certificate
+    against it (the certificate names rebind.test alone: checked against 127.0.0.1 it would fail)."""
+    client, settings = hooked
+    cert, key = _self_signed("rebind.test", tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx trusts it (trust_env)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = receiver(tls=tls)
+    rebinding[:] = [["127.0.0.1"]]
+    url = f"https://rebind.test:{server.port}/hook"
+    job = client.post("/v1/quantizations", data={"model": "tiny-whisper", "method": "rtn", "callback_url": url})
+    end(engine, job.json()["id"])
+    assert callbacks.deliver_due(engine, settings) == {job.json()["id"]: "delivered"}
+    assert server.server_names == ["rebind.test"] and len(server.calls) == 1
+    assert server.calls[0][0]["Host"] == f"rebind.test:{server.port}"
+
+
+def _self_signed(name: str, folder):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
 
 
 @pytest.mark.parametrize("url,words", [
