@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tarq.config import ComputeDtype, CpuBf16
+from tarq.config import LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, ComputeDtype, CpuBf16
 
 QUEUES = ("quantize", "transcribe")
 # what a key may do (TARQ_API_KEYS entry `<key>@<role>`): all (the default), or transcribe: the audio
@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     # CPUs where a bf16 matmul measures faster (tarq.qlinear.cpu_bf16_pays), float32 elsewhere. bf16 scored
     # the same WER as float32 at 1.8-2.7x the speed on an AMX Xeon (bench/results/dtype.md)
     dtype: ComputeDtype = "auto"
+    # a transcription leaves out a window whose no-speech probability is above this and whose tokens average
+    # a log-probability below logprob_threshold (tarq.config.NO_SPEECH_THRESHOLD: text made up on silence and
+    # noise, bench/results/silence.md); 1 keeps every window
+    no_speech_threshold: float = Field(default=NO_SPEECH_THRESHOLD, ge=0.0, le=1.0)
+    logprob_threshold: float = LOGPROB_THRESHOLD
     # whether int4 layers run their CPU dequantize-and-matmul path in bf16. tarq.qlinear reads
     # TARQ_CPU_BF16 itself (the library runs without the service); declared here so that serve and
     # worker refuse a bad value at start instead of failing the first job that reaches such a layer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from tarq.config import DTYPES
+from tarq.config import DTYPES, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD
 from tarq.errors import TarqError
 from tarq.formats import FORMATS
 
@@ -47,11 +47,16 @@ def dtype_option(default: str):
 @click.option("--prompt", default=None, help="Text to condition the first window on (spellings, names).")
 @click.option("--temperature", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
 @click.option("--word-timestamps", is_flag=True, help="Add word timings (verbose_json shows them).")
+@click.option("--no-speech-threshold", type=click.FloatRange(0.0, 1.0), default=NO_SPEECH_THRESHOLD, show_default=True,
+              help="Leave out a window whose no-speech probability is above this and whose tokens average a "
+                   "log-probability below --logprob-threshold (Whisper's own text on silence); 1 keeps every window.")
+@click.option("--logprob-threshold", type=float, default=LOGPROB_THRESHOLD, show_default=True)
 @click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True,
               help="translate: into English (multilingual models).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @dtype_option("auto")
-def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps, task, device, dtype):
+def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps, no_speech_threshold,
+               logprob_threshold, task, device, dtype):
     """Transcribe AUDIO files with MODEL (a model folder, Hub id, cached name or tarq artifact).
 
     One file prints the body alone; several print JSON keyed by file (json formats) or each body
@@ -72,7 +77,8 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
         with counting_kernels(loaded_model) as kernels:
             for name, clip in clips.items():
                 transcript = run(loaded_model, processor, clip, language=language, prompt=prompt,
-                                 temperature=temperature, word_timestamps=word_timestamps, task=task)
+                                 temperature=temperature, word_timestamps=word_timestamps, task=task,
+                                 no_speech_threshold=no_speech_threshold, logprob_threshold=logprob_threshold)
                 bodies[name] = render(transcript, fmt, granularities=granularities)[0]
     except TarqError as e:
         raise click.ClickException(str(e)) from None

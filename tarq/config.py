@@ -16,6 +16,11 @@ DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 # TARQ_CPU_BF16 (tarq.qlinear.cpu_dense_dtype_from_env), for the service settings too
 CpuBf16 = Literal["auto", "0", "1"]
 CPU_BF16_CHOICES: tuple[str, ...] = get_args(CpuBf16)
+# openai/whisper's transcribe() defaults (tarq.transcribe): a window whose no-speech probability is above
+# NO_SPEECH_THRESHOLD and whose tokens average a log-probability below LOGPROB_THRESHOLD is silence, and its
+# text (what Whisper makes up on silence and noise: "you", "I'm going to go to the next one.") is left out
+NO_SPEECH_THRESHOLD = 0.6
+LOGPROB_THRESHOLD = -1.0
 
 
 @dataclass(frozen=True)

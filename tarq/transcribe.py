@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tarq.config import DTYPES
+from tarq.config import DTYPES, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD
 from tarq.errors import AudioError, ModelError
 from tarq.formats import LANGUAGES, Segment, Transcript, Word
 from tarq.models.whisper import encode, is_multilingual
@@ -194,6 +194,8 @@ def transcribe(
     word_timestamps: bool = False,
     share_encoder: bool = True,
     task: str = "transcribe",
+    no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
+    logprob_threshold: float | None = LOGPROB_THRESHOLD,
 ) -> Transcript:
     """Transcribe one 16 kHz mono clip of any length; `task="translate"` translates it into English
     (multilingual models: Whisper's <|translate|> task; the transcript's language is then English).
@@ -202,6 +204,10 @@ def transcribe(
     none); `words` from cross-attention alignment (the model's alignment heads) when asked.
     `language=None` lets a multilingual model detect it. `prompt` conditions the first window like
     OpenAI's `prompt`. temperature 0 is greedy and deterministic; above 0 samples.
+
+    A window Whisper itself finds silent is left out, as openai/whisper's transcribe() does: no-speech
+    probability above `no_speech_threshold` and mean token log-probability below `logprob_threshold`
+    (None: the no-speech probability alone decides; `no_speech_threshold=None` keeps every window).
 
     A clip of up to 30 s is encoded once, and language detection, decoding and the no-speech
     probability all read that encoder output; left to themselves, transformers' language detection and
@@ -308,7 +314,8 @@ def transcribe(
 
     eot = _eot_id(processor)
     segments, words = _build_segments(
-        raw_segments, processor, eot, windows or [0], no_speech, temperature, duration, word_timestamps
+        raw_segments, processor, eot, windows or [0], no_speech, temperature, duration, word_timestamps,
+        silent=_silent_windows(raw_segments, windows or [0], no_speech, no_speech_threshold, logprob_threshold),
     )
     text = "".join(s.text for s in segments).strip()
     if task == "translate":
@@ -506,9 +513,15 @@ def _no_speech_probs(
 def _segment_logprob(seg: dict) -> float:
     """Mean log-probability of the segment's tokens under the (filtered) scores generate used,
     like openai/whisper's avg_logprob."""
+    total, count = _token_logprobs(seg)
+    return total / count if count else 0.0
+
+
+def _token_logprobs(seg: dict) -> tuple[float, int]:
+    """(sum, count) of the log-probabilities of the segment's tokens."""
     result = seg.get("result")
     if not isinstance(result, dict) or result.get("scores") is None or result.get("sequences") is None:
-        return 0.0
+        return 0.0, 0
     scores = result["scores"]
     seq = result["sequences"]
     seq = seq[0] if seq.dim() > 1 else seq
@@ -523,7 +536,34 @@ def _segment_logprob(seg: dict) -> float:
             if torch.isfinite(logp):
                 total += float(logp)
                 count += 1
-    return total / count if count else 0.0
+    return total, count
+
+
+def _window_of(raw_segments: list[dict], windows: list[int]) -> list[int]:
+    """The window each raw segment was decoded in: segments of one window share generate's result object,
+    and windows are decoded in order."""
+    first: dict[int, int] = {}
+    return [min(first.setdefault(id(raw.get("result")), len(first)), len(windows) - 1) for raw in raw_segments]
+
+
+def _silent_windows(raw_segments: list[dict], windows: list[int], no_speech: list[float],
+                    no_speech_threshold: float | None, logprob_threshold: float | None) -> set[int]:
+    """Windows openai/whisper's rule calls silent: P(no speech) > no_speech_threshold, unless the window's
+    tokens average a log-probability above logprob_threshold."""
+    if no_speech_threshold is None:
+        return set()
+    sums: dict[int, list[float]] = {}
+    for w, raw in zip(_window_of(raw_segments, windows), raw_segments):
+        total, count = _token_logprobs(raw)
+        acc = sums.setdefault(w, [0.0, 0])
+        acc[0] += total
+        acc[1] += count
+    silent = set()
+    for w, (total, count) in sums.items():
+        mean = total / count if count else 0.0
+        if no_speech[w] > no_speech_threshold and (logprob_threshold is None or mean < logprob_threshold):
+            silent.add(w)
+    return silent
 
 
 def _compression_ratio(text: str) -> float:
@@ -533,16 +573,14 @@ def _compression_ratio(text: str) -> float:
 
 def _build_segments(
     raw_segments: list[dict], processor, eot: int, windows: list[int], no_speech: list[float],
-    temperature: float, duration: float, word_timestamps: bool,
+    temperature: float, duration: float, word_timestamps: bool, silent: set[int] = frozenset(),
 ) -> tuple[list[Segment], list[Word]]:
     tok = processor.tokenizer
-    # Segments of one window share generate's result object; windows are decoded in order.
-    window_of: dict[int, int] = {}
     segments: list[Segment] = []
     words: list[Word] = []
-    for raw in raw_segments:
-        w = window_of.setdefault(id(raw.get("result")), len(window_of))
-        w = min(w, len(windows) - 1)
+    for w, raw in zip(_window_of(raw_segments, windows), raw_segments):
+        if w in silent:
+            continue
         ids = [int(t) for t in raw["tokens"]]
         text_ids = _text_tokens(ids, eot)
         if not text_ids:

@@ -51,6 +51,13 @@ def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     proc = tarq("transcribe", short_whisper_dir, clip, "--format", "text")  # no int4 layers: no such line
     assert proc.returncode == 0 and "int4 layers ran" not in proc.stderr, proc.stderr
     assert "[transformers]" not in proc.stderr  # generate's warnings about its own arguments stay quiet
+    # every window counted silent: no text; a threshold that is no probability: refused, naming the option
+    proc = tarq("transcribe", short_whisper_dir, clip, "--format", "verbose_json", "--no-speech-threshold", "0",
+                "--logprob-threshold", "1e9")
+    assert proc.returncode == 0, proc.stderr
+    assert (json.loads(proc.stdout)["text"], json.loads(proc.stdout)["segments"]) == ("", [])
+    proc = tarq("transcribe", short_whisper_dir, clip, "--no-speech-threshold", "1.5")
+    assert proc.returncode == 2 and "--no-speech-threshold" in proc.stderr, proc.stderr
 
 
 def test_transcribe_translate(short_whisper_dir, multilingual_whisper_dir, calib_dir):

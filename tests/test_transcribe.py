@@ -80,6 +80,29 @@ def test_sampling_temperature(tiny):
     assert all(s.temperature == 0.7 for s in t.segments)
 
 
+def test_windows_whisper_finds_silent_are_left_out(tiny):
+    """openai/whisper's rule: P(no speech) above the threshold and a mean log-probability below its own
+    leave the window out, its words too. Random weights: the thresholds pick the outcome."""
+    model, processor = tiny
+    audio = np.concatenate([noise(15.0, seed=s) for s in range(3)])  # 45 s: two windows or more
+    kept = transcribe(model, processor, audio, word_timestamps=True, no_speech_threshold=None)
+    assert kept.segments and kept.words and len({s.seek for s in kept.segments}) > 1
+    probs = sorted({s.no_speech_prob for s in kept.segments})
+    assert transcribe(model, processor, audio, word_timestamps=True) == kept  # no window is near 0.6 here
+    gone = transcribe(model, processor, audio, word_timestamps=True, no_speech_threshold=0.0, logprob_threshold=None)
+    assert (gone.text, gone.segments, gone.words) == ("", [], [])
+    assert gone.duration == kept.duration
+    # a logprob threshold below every window's mean keeps them all, whatever their no-speech probability
+    assert transcribe(model, processor, audio, word_timestamps=True, no_speech_threshold=0.0,
+                      logprob_threshold=-1e9) == kept
+    # between two windows' no-speech probabilities: the quieter-looking one goes, the other stays
+    assert len(probs) > 1
+    cut = (probs[0] + probs[-1]) / 2
+    some = transcribe(model, processor, audio, no_speech_threshold=cut, logprob_threshold=None)
+    assert some.segments and all(s.no_speech_prob <= cut for s in some.segments)
+    assert len(some.segments) < len(kept.segments)
+
+
 def test_language_code():
     from tarq.transcribe import language_code
 
@@ -521,6 +544,20 @@ def test_real_transcription(tiny_en):
     assert all(a.start <= b.start for a, b in zip(t.words, t.words[1:]))
     srt = render(t, "srt")[0]
     assert srt.startswith("1\n00:00:00,000 --> 00:00:0")
+
+
+@pytest.mark.slow
+def test_real_noise_gives_no_text_and_speech_keeps_it(tiny_en):
+    """On white noise whisper-tiny.en makes up a sentence ("I'm going to go to the bottom of the wall.");
+    the no-speech rule leaves it out, and leaves real speech alone."""
+    from tarq.audio import load_audio
+
+    model, processor = tiny_en
+    hiss = (np.random.default_rng(0).standard_normal(8 * SR) * 0.2).astype(np.float32)
+    assert len(transcribe(model, processor, hiss, no_speech_threshold=None).text.split()) >= 3
+    assert transcribe(model, processor, hiss).text == ""
+    speech = load_audio(LJ / "LJ001-0001.flac")
+    assert transcribe(model, processor, speech) == transcribe(model, processor, speech, no_speech_threshold=None)
 
 
 @pytest.mark.slow

@@ -415,7 +415,9 @@ def _transcribe(payload: dict, settings) -> dict:
             transcript = run(loaded, processor, audio, language=payload.get("language"),
                              prompt=payload.get("prompt"), temperature=float(payload.get("temperature") or 0.0),
                              word_timestamps=bool(payload.get("word_timestamps")),
-                             task=payload.get("task") or "transcribe")
+                             task=payload.get("task") or "transcribe",
+                             no_speech_threshold=settings.no_speech_threshold,
+                             logprob_threshold=settings.logprob_threshold)
         return {"transcript": transcript.to_dict(), "kernels": kernels, "dtype": dtype_name(loaded.dtype),
                 "seconds": seconds}
     except TarqError as err:

@@ -532,6 +532,11 @@ def test_transcription_dtype_setting_is_checked(monkeypatch, tmp_path):
         Settings(data_dir=tmp_path)
     monkeypatch.setenv("TARQ_CPU_BF16", "0")
     assert Settings(data_dir=tmp_path).cpu_bf16 == "0"
+    monkeypatch.setenv("TARQ_NO_SPEECH_THRESHOLD", "1.5")  # a probability
+    with pytest.raises(ValidationError, match="no_speech_threshold"):
+        Settings(data_dir=tmp_path)
+    monkeypatch.setenv("TARQ_NO_SPEECH_THRESHOLD", "1")
+    assert Settings(data_dir=tmp_path).no_speech_threshold == 1.0
 
 
 def test_server_timing_names_the_workers_steps_and_the_rest():

@@ -3,6 +3,7 @@
 clips, the tiny random Whisper; the transcription goes through the official openai client."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -245,6 +246,23 @@ def cancel_running(base: str, key: str, clips, transcripts: bytes) -> None:
     assert client.delete(f"/v1/quantizations/{job_id}").status_code == 409
 
 
+@contextlib.contextmanager
+def serving(env, log_path):
+    """A `tarq serve` (API and its worker) on a free port while the block runs: its base URL; the log's
+    tail printed if the block fails."""
+    port = free_port()
+    proc, log = run_logged(tarq_command("serve", "--port", str(port)), env, log_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        yield f"http://127.0.0.1:{port}"
+    except BaseException:
+        print(tail(log_path))
+        raise
+    finally:
+        stop(proc)
+        log.close()
+
+
 def run_logged(argv, env, log_path, new_session: bool = False):
     log = open(log_path, "wb")
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session), log
@@ -255,25 +273,31 @@ def tail(path, n=60) -> str:
 
 
 def test_embedded_serve_end_to_end(tmp_path, subprocess_env, clips, clip_transcripts, multilingual_whisper_dir):
-    port = free_port()
-    proc, log = run_logged(tarq_command("serve", "--port", str(port)), subprocess_env, tmp_path / "serve.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    with serving(subprocess_env, tmp_path / "serve.log") as base:
         key_file = tmp_path / "data" / "api_key"
         assert key_file.stat().st_mode & 0o777 == 0o600
-        service_flow(f"http://127.0.0.1:{port}", key_file.read_text().strip(), clips, clip_transcripts,
+        service_flow(base, key_file.read_text().strip(), clips, clip_transcripts,
                      methods=("rtn", "tarq"), evaluate=True, translate=True, evaluations=True)
-    except BaseException:
-        print(tail(tmp_path / "serve.log"))
-        raise
-    finally:
-        stop(proc)
-        log.close()
     logged = (tmp_path / "serve.log").read_text()
     assert "API key: in" in logged
     # the API's own lines reach the log, each naming the request it served
     assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO tarq.api \[req_[0-9a-f]{24}\] job [0-9a-f]{32} queued: rtn ",
                      logged, re.MULTILINE), tail(tmp_path / "serve.log", 200)
+
+
+@pytest.mark.slow
+def test_the_workers_no_speech_settings_decide_which_windows_are_left_out(tmp_path, subprocess_env, clips):
+    """TARQ_NO_SPEECH_THRESHOLD / TARQ_LOGPROB_THRESHOLD reach the worker's transcriptions: set so that every
+    window counts as silent, a clip comes back with no text and no segments, its duration intact."""
+    import openai
+
+    env = dict(subprocess_env, TARQ_API_KEYS="ns-key", TARQ_NO_SPEECH_THRESHOLD="0", TARQ_LOGPROB_THRESHOLD="1e9")
+    with serving(env, tmp_path / "serve.log") as base:
+        oai = openai.OpenAI(base_url=f"{base}/v1", api_key="ns-key", timeout=300, max_retries=0)
+        with open(clips[0], "rb") as f:
+            out = oai.audio.transcriptions.create(model="tiny-whisper", file=f, response_format="verbose_json",
+                                                  timestamp_granularities=["segment"])
+    assert out.text == "" and not out.segments and out.duration == pytest.approx(9.655, abs=0.1)
 
 
 def test_redis_postgres_s3_with_separate_worker(tmp_path, subprocess_env, clips, clip_transcripts, pg_schema_url,
