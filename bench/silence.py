@@ -49,15 +49,16 @@ def rtn_model(name: str, work: Path) -> Path:
     return out
 
 
-def measure(label: str, source: str, clips: int) -> dict:
+def measure(label: str, source: str, clips: int, sets: dict[str, Path] | None = None) -> dict:
+    """Both ways on the first `clips` of each set ({name: folder with transcripts.tsv}; default SETS under
+    the speech folder) and on `non_speech()`."""
     from tarq.audio import load_audio
     from tarq.evaluate import references, score_hypotheses
     from tarq.transcribe import load, transcribe
 
     model, processor = load(source, dtype="float32")
     out: dict = {"model": label, "sets": {}, "non_speech": {}}
-    for name in SETS:
-        folder = SPEECH / name
+    for name, folder in (sets or {name: SPEECH / name for name in SETS}).items():
         refs = references(folder, limit=clips)
         hyps: dict[str, dict[str, str]] = {"off": {}, "on": {}}
         start = time.perf_counter()
