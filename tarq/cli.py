@@ -66,6 +66,12 @@ def main() -> None:
               help="layer: capture each group's inputs after the groups before it in the block are quantized "
                    "(one pass per block and stream: faster, more memory).")
 @click.option("--act-order", is_flag=True)
+@click.option("--zipf-threshold", type=click.FloatRange(0, 8, min_open=True), default=QuantConfig.zipf_threshold,
+              show_default=True, help="TARQ: a word is rare below this wordfreq Zipf frequency (3: under one use "
+                                      "per million words).")
+@click.option("--lambda-cost", type=click.FloatRange(0, min_open=True), default=QuantConfig.lambda_cost,
+              show_default=True, help="TARQ: c in lambda = c tr(Hc) / tr(Ht).")
+@click.option("--digits-lookup", is_flag=True, help="TARQ: look words with digits up in wordfreq (default: all rare).")
 @click.option("--forward-dtype", type=click.Choice(DTYPES), default=QuantConfig.forward_dtype, show_default=True,
               help="What the calibration forward passes compute in (Hessians and solves stay float32); auto: "
                    "float16 on CUDA, bfloat16 on CPUs where it measures faster, else float32.")
@@ -74,8 +80,8 @@ def main() -> None:
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Audio + transcripts.tsv to score FP and quantized.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batch_size, encoder_tagging,
-             no_rarebal, no_residual, residual_step, sequential, act_order, forward_dtype, seed, device, eval_data,
-             force):
+             no_rarebal, no_residual, residual_step, sequential, act_order, zipf_threshold, lambda_cost, digits_lookup,
+             forward_dtype, seed, device, eval_data, force):
     """Quantize MODEL (a Hub id or a local folder) and write a Hugging Face model folder."""
     from tqdm import tqdm
 
@@ -89,6 +95,7 @@ def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batc
     config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, num_samples=num_samples,
                          batch_size=batch_size, encoder_tagging=encoder_tagging, rarebal=not no_rarebal,
                          residual=not no_residual, residual_step=residual_step, sequential=sequential, act_order=act_order,
+                         zipf_threshold=zipf_threshold, lambda_cost=lambda_cost, digits_are_tail=not digits_lookup,
                          forward_dtype=forward_dtype, seed=seed)
     bar = tqdm(total=0, unit="block", file=sys.stderr, dynamic_ncols=True)
 

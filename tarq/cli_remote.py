@@ -142,16 +142,26 @@ def remote() -> None:
               help="Folder of calibration audio (+ transcripts.tsv).")
 @click.option("--method", type=click.Choice(["tarq", "gptq", "rtn"]), default="tarq", show_default=True)
 @click.option("--num-samples", type=click.IntRange(1), default=None, help="Clips to use (default: the server's).")
+@click.option("--set", "settings", multiple=True, metavar="FIELD=VALUE",
+              help="Any other field of POST /v1/quantizations, e.g. --set zipf_threshold=4 --set sequential=layer "
+                   "(the server checks it); repeat for several.")
 @click.option("--out", type=click.Path(path_type=Path), help="Download the quantized folder here.")
-def quantize_remote(model, server, key, calib, method, num_samples, out):
+def quantize_remote(model, server, key, calib, method, num_samples, settings, out):
     """Quantize MODEL on the server and print the new model's id. MODEL is a local Whisper folder (uploaded
     first), a model id of the server, a folder under its TARQ_MODEL_ROOTS, or a Hub id."""
     if out is not None and out.exists() and any(out.iterdir()):
         raise click.ClickException(f"{out} is not empty")
+    extra = {}
+    for item in settings:
+        field, eq, value = item.partition("=")
+        if not eq or not field.strip() or field.strip() in ("model", "method", "num_samples"):
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE for a field other than model, method and "
+                                     "num_samples (their own options)", param_hint="--set")
+        extra[field.strip()] = value.strip()
     api = Remote(server, key)
     with tempfile.TemporaryDirectory(prefix="tarq-remote-") as tmp:
         model = _model_on_server(api, model, Path(tmp))
-        form = {"model": model, "method": method}
+        form = {**extra, "model": model, "method": method}
         if num_samples is not None:
             form["num_samples"] = str(num_samples)
         if calib is not None:

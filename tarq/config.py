@@ -80,6 +80,9 @@ class QuantConfig:
             raise ValueError("num_samples and batch_size must be positive")
         if self.lambda_cost <= 0:
             raise ValueError(f"lambda_cost must be positive, not {self.lambda_cost}")
+        if not 0 < self.zipf_threshold <= 8:
+            # wordfreq's Zipf scale: log10 of uses per billion words, from 0 (unseen) to about 8 ("the")
+            raise ValueError(f"zipf_threshold must be in (0, 8], not {self.zipf_threshold}")
 
     @property
     def uses_tags(self) -> bool:

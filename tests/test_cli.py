@@ -25,13 +25,16 @@ def one_line_error(proc, *needles):
 def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     out = tmp_path / "art"
     proc = tarq("quantize", short_whisper_dir, "--calib", calib_dir, "--out", out, "--method", "tarq",
-                "--num-samples", 4, "--batch-size", 4, "--sequential", "layer", "--residual-step", "full")
+                "--num-samples", 4, "--batch-size", 4, "--sequential", "layer", "--residual-step", "full",
+                "--zipf-threshold", 4, "--lambda-cost", 2, "--digits-lookup")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
     assert "decoder" in proc.stderr  # the progress bar names the stage
     report = json.loads((out / "tarq_report.json").read_text())
     assert report["calibration"]["clips"] == 4
     assert (report["config"]["sequential"], report["config"]["residual_step"]) == ("layer", "full")
+    assert (report["config"]["zipf_threshold"], report["config"]["lambda_cost"]) == (4.0, 2.0)
+    assert report["config"]["digits_are_tail"] is False
     clip = sorted(calib_dir.glob("*.flac"))[0]
     proc = tarq("transcribe", out, clip, "--format", "json")
     assert proc.returncode == 0, proc.stderr

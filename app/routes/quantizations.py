@@ -56,6 +56,20 @@ def create_quantization(
         description="block (default): every group of a block solved on inputs captured before any of it is "
                     "quantized; layer: each group after the ones before it (GPTQ's true sequential: one pass "
                     "per block and stream, faster, more memory)")] = None,
+    zipf_threshold: Annotated[float | None, Form(
+        description="TARQ: a word is rare (tail) below this wordfreq Zipf frequency; default 3 (under one use per "
+                    "million words). Raise it to protect more of a domain's vocabulary")] = None,
+    lambda_cost: Annotated[float | None, Form(description="TARQ: c in lambda = c tr(Hc) / tr(Ht); default 1")] = None,
+    digits_are_tail: Annotated[bool | None, Form(
+        description="TARQ: every word with a digit is rare (default true); false looks digits up like words")] = None,
+    rarebal: Annotated[bool | None, Form(description="TARQ: RAREBAL on (default) or off")] = None,
+    residual: Annotated[bool | None, Form(description="TARQ: the residual correction on (default) or off")] = None,
+    residual_step: Annotated[str | None, Form(description="TARQ: paper (default) or full (alpha = 1)")] = None,
+    encoder_tagging: Annotated[str | None, Form(
+        description="TARQ: common (default: encoder frames are all common) or frames (rare words' frames)")] = None,
+    act_order: Annotated[bool | None, Form(description="GPTQ: columns in order of decreasing H diagonal")] = None,
+    damp: Annotated[float | None, Form(description="GPTQ: damping, a fraction of mean(diag H); default 0.01")] = None,
+    seed: Annotated[int | None, Form(description="which calibration clips num_samples draws")] = None,
     files: Annotated[list[UploadFile] | None, File(description="calibration clips")] = None,
     archive: Annotated[UploadFile | None, File(description="calibration clips as zip / tar.gz")] = None,
     transcripts: Annotated[UploadFile | None, File(description="file<TAB>text")] = None,
@@ -72,12 +86,11 @@ def create_quantization(
         return earlier
     callback_url = callbacks.checked(callback_url, settings)
     overrides = {"method": method, "bits": bits, "group_size": group_size, "sym": sym}
-    if num_samples is not None:
-        overrides["num_samples"] = num_samples
-    if forward_dtype is not None:
-        overrides["forward_dtype"] = forward_dtype
-    if sequential is not None:
-        overrides["sequential"] = sequential
+    optional = {"num_samples": num_samples, "forward_dtype": forward_dtype, "sequential": sequential,
+                "zipf_threshold": zipf_threshold, "lambda_cost": lambda_cost, "digits_are_tail": digits_are_tail,
+                "rarebal": rarebal, "residual": residual, "residual_step": residual_step,
+                "encoder_tagging": encoder_tagging, "act_order": act_order, "damp": damp, "seed": seed}
+    overrides.update({k: v for k, v in optional.items() if v is not None})
     try:
         config = QuantConfig(**overrides)
     except (ValueError, TypeError) as err:

@@ -33,6 +33,8 @@ def remote(env, *args):
 
 def test_quantize_a_local_folder_on_the_server_and_get_it_back(server, subprocess_env, tiny_whisper_dir, clips,
                                                                clip_transcripts, tmp_path):
+    import json
+
     from tarq.artifact import load_artifact
     from tarq.qlinear import QuantLinear
 
@@ -45,13 +47,15 @@ def test_quantize_a_local_folder_on_the_server_and_get_it_back(server, subproces
     mine = shutil.copytree(tiny_whisper_dir, tmp_path / "my-whisper")  # not under the server's model roots
     env = dict(subprocess_env, TARQ_API_KEY=key)
     done = remote(env, "quantize", mine, "--server", url, "--calib", calib, "--method", "gptq",
-                  "--num-samples", "3", "--out", tmp_path / "out")
+                  "--num-samples", "3", "--set", "sequential=layer", "--set", "damp=0.02", "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     model_id = done.stdout.strip()
     assert re.fullmatch(r"my-whisper-gptq-w4g128-[0-9a-f]{16}", model_id), model_id  # named after the upload
     assert "uploaded" in done.stderr and "downloaded to" in done.stderr
     model, _ = load_artifact(tmp_path / "out")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) > 0
+    config = json.loads((tmp_path / "out" / "tarq_report.json").read_text())["config"]
+    assert (config["sequential"], config["damp"], config["num_samples"]) == ("layer", 0.02, 3)  # --set reached it
 
 
 def test_evaluate_a_server_model_and_a_local_folder_on_the_same_clips(server, subprocess_env, tiny_whisper_dir,
@@ -94,6 +98,12 @@ def test_refusals_are_one_line_with_the_servers_reason(server, subprocess_env, t
     nobody = remote(dict(subprocess_env, TARQ_API_KEY=key), "quantize", "tiny-whisper", "--server",
                     f"http://127.0.0.1:{free_port()}", "--method", "rtn")
     assert nobody.returncode == 1 and "cannot reach" in nobody.stderr and "Traceback" not in nobody.stderr
+    key_env = dict(subprocess_env, TARQ_API_KEY=key)
+    out_of_range = remote(key_env, "quantize", "tiny-whisper", "--server", url, "--method", "rtn",
+                          "--set", "zipf_threshold=9")
+    assert out_of_range.returncode == 1 and "zipf_threshold must be in (0, 8]" in out_of_range.stderr
+    not_a_field = remote(key_env, "quantize", "tiny-whisper", "--server", url, "--set", "zipf_threshold")
+    assert not_a_field.returncode == 2 and "FIELD=VALUE" in not_a_field.stderr
 
 
 def test_a_streamed_refusal_reads_as_one_line(server, tmp_path):
