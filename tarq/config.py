@@ -1,6 +1,7 @@
 """QuantConfig: everything that decides what a quantization run produces."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
@@ -78,8 +79,8 @@ class QuantConfig:
             raise ValueError(f"forward_dtype must be one of {', '.join(DTYPES)}, not {self.forward_dtype!r}")
         if self.num_samples <= 0 or self.batch_size <= 0:
             raise ValueError("num_samples and batch_size must be positive")
-        if self.lambda_cost <= 0:
-            raise ValueError(f"lambda_cost must be positive, not {self.lambda_cost}")
+        if not 0 < self.lambda_cost < math.inf:  # written so that NaN fails too
+            raise ValueError(f"lambda_cost must be positive and finite, not {self.lambda_cost}")
         if not 0 < self.zipf_threshold <= 8:
             # wordfreq's Zipf scale: log10 of uses per billion words, from 0 (unseen) to about 8 ("the")
             raise ValueError(f"zipf_threshold must be in (0, 8], not {self.zipf_threshold}")

@@ -374,7 +374,8 @@ def test_bad_settings_and_missing_fields(client, clips):
     accepted = submit(client, clips[:1], method="tarq", **{k: str(v).lower() for k, v in knobs.items()})
     assert accepted.status_code == 202, accepted.text
     assert {k: accepted.json()["config"][k] for k in knobs} == knobs
-    for field, bad in (("zipf_threshold", "9"), ("lambda_cost", "0"), ("residual_step", "half"),
+    for field, bad in (("zipf_threshold", "9"), ("zipf_threshold", "nan"), ("lambda_cost", "0"),
+                       ("lambda_cost", "inf"), ("lambda_cost", "nan"), ("residual_step", "half"),
                        ("encoder_tagging", "words"), ("damp", "1.5")):
         err = error_of(submit(client, clips[:1], **{field: bad}), 422)
         assert field in err["message"] and bad in err["message"], err
