@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "gptq-layer": ("gptq", {"sequential": "layer"}, True),
     "tarq-digits-lookup": ("tarq", {"digits_are_tail": False}, True),
     "tarq-c2": ("tarq", {"lambda_cost": 2.0}, True),
+    # lambda's tr(Hc) over positions that read text, without the prompt's special tokens (massive activations)
+    "tarq-text-lambda": ("tarq", {"lambda_positions": "text"}, True),
     "gptq-sym": ("gptq", {"sym": True}, True),
     "tarq-sym": ("tarq", {"sym": True}, True),
     # the calibration forward passes in bf16 (autocast; Hessians and solves stay float32)

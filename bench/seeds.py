@@ -3,6 +3,7 @@
     python bench/seeds.py --models whisper-tiny.en --seeds 0,1,2,3,4
     python bench/seeds.py --models whisper-base --seeds 0,1,2,3,4 --work .cache/bench-base
     python bench/seeds.py --models whisper-tiny.en --seeds 0,1,2,3,4 --order layer   # seeds-layer.md
+    python bench/seeds.py --models whisper-tiny.en --seeds 0,1,2,3,4 --tarq-variant tarq-text-lambda
 
 bench/quality.py's bootstrap intervals resample the evaluation utterances, not the quantizer: a GPTQ run
 on another draw of calibration clips flips other roundings, and on sets with 39 and 119 rare words a
@@ -10,7 +11,8 @@ flipped word is 2.6 and 0.8 points. This runs FP, GPTQ and TARQ once per seed (q
 cache, so seed 0 reuses the main table's results), and tabulates TARQ - GPTQ per seed with its interval.
 The LJSpeech hold-out is the first 100 clips not drawn for calibration, so it changes a little with the
 seed; Common Voice does not. Writes bench/results/seeds.md; `--order layer` runs GPTQ and TARQ in
-`--sequential layer` order (quality.py's `gptq-layer`, `tarq-layer`) and writes seeds-layer.md.
+`--sequential layer` order (quality.py's `gptq-layer`, `tarq-layer`) and writes seeds-layer.md;
+`--tarq-variant` puts another of quality.py's TARQ variants in TARQ's column (seeds-<variant>.md).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from quality import RESULTS, SPEECH, fmt, paired_delta, result_path, run_variant, split_ljspeech
+from quality import VARIANTS as VARIANT_TABLE
 
 from tarq.config import ORDERS
 
@@ -47,10 +50,17 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--report-only", action="store_true", help="only tabulate results already cached")
     ap.add_argument("--order", choices=ORDERS, default="block", help="--sequential of GPTQ and TARQ")
-    ap.add_argument("--out", type=Path, default=None, help="default bench/results/seeds.md (seeds-layer.md)")
+    ap.add_argument("--tarq-variant", default=None, help="a bench/quality.py TARQ variant for the TARQ column")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench/results/seeds.md (seeds-layer.md, seeds-<tarq variant>.md)")
     args = ap.parse_args()
-    args.out = args.out or RESULTS / ("seeds.md" if args.order == "block" else f"seeds-{args.order}.md")
     names = variants(args.order)
+    if args.tarq_variant:
+        if args.tarq_variant not in VARIANT_TABLE or VARIANT_TABLE[args.tarq_variant][0] != "tarq":
+            raise SystemExit(f"--tarq-variant {args.tarq_variant!r} is not one of bench/quality.py's TARQ variants")
+        names["tarq"] = args.tarq_variant
+    stem = "seeds" + (f"-{args.order}" if args.order != "block" else "") + (f"-{args.tarq_variant}" if args.tarq_variant else "")
+    args.out = args.out or RESULTS / f"{stem}.md"
     # the cache key's other parts, as bench/quality.py runs for the README (untagged, float32 encoder path)
     args.eval_limit, args.cpu_bf16, args.tag = None, False, ""
     try:
@@ -94,7 +104,8 @@ def main() -> None:
 
 def write_report(rows: dict[tuple[str, int, str], dict], args) -> None:
     order = "" if args.order == "block" else f", both in {args.order} order (`--sequential {args.order}`)"
-    lines = [f"# TARQ vs GPTQ across calibration draws{order}", "",
+    tarq = f" (TARQ column: `{args.tarq_variant}`)" if args.tarq_variant else ""
+    lines = [f"# TARQ vs GPTQ across calibration draws{order}{tarq}", "",
              f"Command: `python bench/seeds.py {' '.join(sys.argv[1:])}`".rstrip(), "",
              (f"{args.calib_n} LJSpeech calibration clips drawn with each seed; W4G128; evaluation as "
              "bench/results/quality.md (greedy English decoding, rare = wordfreq Zipf < 3). WER / rare-WER in %; "

@@ -499,6 +499,7 @@ def job_large_quantize(device: str = "cuda", method: str = "tarq", clips: int = 
     tail = (torch.rand(clips, tokens, generator=g) < tail_share) & mask
     feats = torch.randn(clips, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g)
     data = CalibData(feats.to(device, dtype), ids.to(device), mask.to(device), tail.to(device),
+                     torch.zeros_like(mask, device=device),
                      torch.zeros(clips, cfg.max_source_positions, dtype=torch.bool, device=device),
                      texts=[""] * clips, names=[f"random-{i}" for i in range(clips)])
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from .audio import SAMPLE_RATE, list_audio, load_audio, read_transcripts
 from .config import QuantConfig
 from .errors import CalibrationError
 from .models.whisper import is_multilingual
-from .tagging import frame_tail_mask, token_tail_mask
+from .tagging import frame_tail_mask, special_mask, token_tail_mask
 
 SECONDS_PER_FRAME = 0.02  # one encoder position per 20 ms (30 s -> 1500)
 
@@ -88,6 +88,7 @@ class CalibData:
     input_ids: torch.Tensor  # [N, T] decoder inputs (teacher forcing), padded with end-of-text
     token_mask: torch.Tensor  # [N, T] bool, real positions
     token_tail: torch.Tensor  # [N, T] bool
+    token_prompt: torch.Tensor  # [N, T] bool, positions that read a special token (the decoder prompt)
     frame_tail: torch.Tensor  # [N, frames] bool
     texts: list[str]
     names: list[str]
@@ -119,6 +120,7 @@ def prepare(model, processor, samples: list[CalibSample], config: QuantConfig, d
     input_ids = torch.full((n, T), eot, dtype=torch.long)
     token_mask = torch.zeros(n, T, dtype=torch.bool)
     token_tail = torch.zeros(n, T, dtype=torch.bool)
+    token_prompt = torch.zeros(n, T, dtype=torch.bool)
     for i, ids in enumerate(seqs):
         tags = token_tail_mask(tok, ids, config.zipf_threshold, config.digits_are_tail)
         L = len(ids) - 1
@@ -127,6 +129,7 @@ def prepare(model, processor, samples: list[CalibSample], config: QuantConfig, d
         # A position is tail when it reads or predicts a piece of a rare word: the logits that emit a rare
         # word's first piece come from the position before it.
         token_tail[i, :L] = torch.tensor([a or b for a, b in zip(tags[:-1], tags[1:])])
+        token_prompt[i, :L] = torch.tensor(special_mask(tok, ids[:-1]))
 
     frames = model.config.max_source_positions
     frame_tail = torch.zeros(n, frames, dtype=torch.bool)
@@ -149,4 +152,4 @@ def prepare(model, processor, samples: list[CalibSample], config: QuantConfig, d
         "seconds_of_audio": round(sum(len(s.audio) for s in samples) / SAMPLE_RATE, 2),
     }
     return CalibData(feats, input_ids.to(device), token_mask.to(device), token_tail.to(device),
-                     frame_tail.to(device), texts, [s.name for s in samples], len(missing), info)
+                     token_prompt.to(device), frame_tail.to(device), texts, [s.name for s in samples], len(missing), info)

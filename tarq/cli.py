@@ -72,6 +72,9 @@ def main() -> None:
 @click.option("--lambda-cost", type=click.FloatRange(0, min_open=True), default=QuantConfig.lambda_cost,
               show_default=True, help="TARQ: c in lambda = c tr(Hc) / tr(Ht).")
 @click.option("--digits-lookup", is_flag=True, help="TARQ: look words with digits up in wordfreq (default: all rare).")
+@click.option("--lambda-positions", type=click.Choice(["all", "text"]), default=QuantConfig.lambda_positions,
+              show_default=True, help="TARQ: the common positions lambda's tr(Hc) counts (text: not the prompt's "
+                                      "special tokens; an experiment, see README).")
 @click.option("--forward-dtype", type=click.Choice(DTYPES), default=QuantConfig.forward_dtype, show_default=True,
               help="What the calibration forward passes compute in (Hessians and solves stay float32); auto: "
                    "float16 on CUDA, bfloat16 on CPUs where it measures faster, else float32.")
@@ -81,7 +84,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batch_size, encoder_tagging,
              no_rarebal, no_residual, residual_step, sequential, act_order, zipf_threshold, lambda_cost, digits_lookup,
-             forward_dtype, seed, device, eval_data, force):
+             lambda_positions, forward_dtype, seed, device, eval_data, force):
     """Quantize MODEL (a Hub id or a local folder) and write a Hugging Face model folder."""
     from tqdm import tqdm
 
@@ -96,6 +99,7 @@ def quantize(model, calib, out, method, bits, group_size, sym, num_samples, batc
                          batch_size=batch_size, encoder_tagging=encoder_tagging, rarebal=not no_rarebal,
                          residual=not no_residual, residual_step=residual_step, sequential=sequential, act_order=act_order,
                          zipf_threshold=zipf_threshold, lambda_cost=lambda_cost, digits_are_tail=not digits_lookup,
+                         lambda_positions=lambda_positions,
                          forward_dtype=forward_dtype, seed=seed)
     bar = tqdm(total=0, unit="block", file=sys.stderr, dynamic_ncols=True)
 

@@ -9,6 +9,7 @@ Method = Literal["tarq", "gptq", "rtn"]
 EncoderTagging = Literal["common", "frames"]
 ResidualStep = Literal["paper", "full"]
 Sequential = Literal["block", "layer"]
+LambdaPositions = Literal["all", "text"]
 ORDERS: tuple[str, ...] = get_args(Sequential)
 # What a model computes in when it transcribes (tarq.transcribe.compute_dtype); here, free of torch, for
 # the CLI and the service settings
@@ -40,6 +41,11 @@ class QuantConfig:
     rarebal: bool = True
     residual: bool = True
     lambda_cost: float = 1.0  # c in lambda = c * tr(Hc) / tr(Ht)
+    # Which common positions tr(Hc) counts in lambda. "all": every one (TARQ.md). "text": only those that read
+    # a text token, not the prompt's special tokens, which stay in Hc itself: in whisper-base's decoder block 2
+    # the position reading <|en|> holds ~98% of fc2's input energy (a massive activation), so with "all" that
+    # one position sets lambda (591 in that layer). An experiment of this project, not the paper's method.
+    lambda_positions: LambdaPositions = "all"
     # "paper": alpha = <E, D>_H / <D, D>_H as TARQ.md gives it; "full": alpha = 1, the plain
     # least-squares target W + D (an experiment of this project, not the paper's method)
     residual_step: ResidualStep = "paper"
@@ -81,6 +87,8 @@ class QuantConfig:
             raise ValueError("num_samples and batch_size must be positive")
         if not 0 < self.lambda_cost < math.inf:  # written so that NaN fails too
             raise ValueError(f"lambda_cost must be positive and finite, not {self.lambda_cost}")
+        if self.lambda_positions not in ("all", "text"):
+            raise ValueError(f"lambda_positions must be all or text, not {self.lambda_positions!r}")
         if not 0 < self.zipf_threshold <= 8:
             # wordfreq's Zipf scale: log10 of uses per billion words, from 0 (unseen) to about 8 ("the")
             raise ValueError(f"zipf_threshold must be in (0, 8], not {self.zipf_threshold}")

@@ -106,24 +106,23 @@ def cpu_bf16_flags() -> bool:
 BF16_MIN_SPEEDUP = 1.15
 
 
-def bf16_matmul_speedup(rows: int = 1500, cols: int = 512, out: int = 2048, reps: int = 3) -> float:
+def bf16_matmul_speedup(rows: int = 1500, cols: int = 512, out: int = 2048, reps: int = 5) -> float:
     """float32 time / bf16 time of one x [rows, cols] @ W^T [cols, out] on this CPU, best of `reps` each
     after a warm-up. The default is a whisper-base encoder fc1 over one clip's 1500 frames, the matmul
-    that decides whether bf16 pays (decoding steps take the int4 kernel either way)."""
+    that decides whether bf16 pays (decoding steps take the int4 kernel either way). The two dtypes take
+    turns, so that a burst of load on a shared host slows both alike instead of one."""
     g = torch.Generator().manual_seed(0)  # not the global generator: first use must not shift seeded runs
     x, w = torch.randn(rows, cols, generator=g), torch.randn(out, cols, generator=g)
-
-    def best(dtype: torch.dtype) -> float:
-        a, b = x.to(dtype), w.to(dtype)
-        F.linear(a, b)
-        times = []
-        for _ in range(reps):
+    pairs = {dtype: (x.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(pairs, math.inf)
+    for a, b in pairs.values():
+        F.linear(a, b)  # warm-up
+    for _ in range(reps):
+        for dtype, (a, b) in pairs.items():
             start = time.perf_counter()
             F.linear(a, b)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(torch.float32) / best(torch.bfloat16)
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 @functools.cache

@@ -37,6 +37,7 @@ class LayerStats:
     WHdelta: torch.Tensor | None = field(init=False)
     n_common: int = 0
     n_tail: int = 0
+    prompt_trace: float = 0.0  # sum |x|^2 over the common positions that read a prompt (special) token
     _mirrored: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,11 +48,15 @@ class LayerStats:
         self.WHdelta = z(self.delta_rows) if by_output else None
 
     def add(self, x: torch.Tensor, tail: torch.Tensor | None = None, x_fp: torch.Tensor | None = None,
-            dy: torch.Tensor | None = None) -> None:
+            dy: torch.Tensor | None = None, prompt: torch.Tensor | None = None) -> None:
         """x, x_fp [positions, columns]; tail [positions] bool (None: all common); dy [positions, rows] the
         layer's output on x_fp minus its output on x. Drift tracked by input needs x_fp, by output
-        (`delta_rows`) dy; the other is ignored."""
+        (`delta_rows`) dy; the other is ignored. prompt [positions] bool: the positions that read a special
+        token, whose common share of tr(H) `prompt_trace` keeps (for lambda_positions "text")."""
         x = x.reshape(-1, self.columns).float()
+        if prompt is not None:
+            common_prompt = prompt.reshape(-1) if tail is None else prompt.reshape(-1) & ~tail.reshape(-1)
+            self.prompt_trace += float(x[common_prompt].pow(2).sum())
         if tail is None or not bool(tail.any()):
             # all common (GPTQ, and every encoder position by default): no masked copies of x
             xc, xt = x, x[:0]
@@ -103,6 +108,12 @@ class LayerStats:
         return W.float() @ self.Hdelta
 
     @property
+    def prompt_share(self) -> float:
+        """The prompt's (common) positions' share of the trace mass of H."""
+        total = float(torch.trace(self.Hc_upper)) + float(torch.trace(self.Ht_upper))
+        return self.prompt_trace / total if total > 0 else 0.0
+
+    @property
     def tail_share(self) -> float:
         """The tail's share of the trace mass of H (the paper's p)."""
         tail = float(torch.trace(self.Ht_upper))
@@ -110,13 +121,17 @@ class LayerStats:
         return tail / total if total > 0 else 0.0
 
 
-def rarebal(stats: LayerStats, cost: float = 1.0) -> tuple[torch.Tensor, float]:
+def rarebal(stats: LayerStats, cost: float = 1.0, text_only: bool = False) -> tuple[torch.Tensor, float]:
     """H_rb = Hc + lambda Ht with lambda = cost * tr(Hc) / tr(Ht): equal trace mass for tail and common.
-    A layer that saw no tail position keeps plain H (lambda reported as 1)."""
+    `text_only` leaves the prompt positions' share (stats.prompt_trace) out of tr(Hc) in lambda (not out of
+    Hc). A layer that saw no tail position keeps plain H (lambda reported as 1)."""
     tr_t = float(torch.trace(stats.Ht))
     if stats.n_tail == 0 or tr_t <= 0:
         return stats.H, 1.0
-    lam = cost * float(torch.trace(stats.Hc)) / (tr_t + 1e-12 * max(tr_t, 1.0))
+    tr_c = float(torch.trace(stats.Hc))
+    if text_only and tr_c - stats.prompt_trace > 0:
+        tr_c -= stats.prompt_trace
+    lam = cost * tr_c / (tr_t + 1e-12 * max(tr_t, 1.0))
     return stats.Hc + lam * stats.Ht, lam
 
 
@@ -162,14 +177,14 @@ class TarqSolve:
 def tarq_solve(W: torch.Tensor, stats: LayerStats, *, bits: int, group_size: int, sym: bool, damp: float,
                block_size: int = 128, act_order: bool = False, use_rarebal: bool = True,
                use_residual: bool = True, cost: float = 1.0, with_rtn: bool = True,
-               splits: list[int] | None = None, full_step: bool = False) -> TarqSolve:
+               splits: list[int] | None = None, full_step: bool = False, lambda_text_only: bool = False) -> TarqSolve:
     """Pilot GPTQ on H_rb, residual step alpha D, final GPTQ on W + alpha D (TARQ.md steps 2-3).
 
     W may stack several layers that read the same input (q/k/v): `splits` gives their row counts,
     and each layer gets its own alpha while both GPTQ passes run once over the stack. `full_step`
     replaces the paper's alpha by 1 (the least-squares target itself)."""
 
-    H, lam = rarebal(stats, cost) if use_rarebal else (stats.H, 1.0)
+    H, lam = rarebal(stats, cost, lambda_text_only) if use_rarebal else (stats.H, 1.0)
     solve = dict(bits=bits, group_size=group_size, sym=sym, damp=damp, block_size=block_size,
                  act_order=act_order)
     # pilot and final solve against the same H: factor it once

@@ -49,6 +49,7 @@ class Driver:
             if self.forward_dtype != torch.float32 else nullcontext
         self.two_streams = config.method == "tarq" and config.residual
         self.tagged = config.method == "tarq" and config.rarebal
+        self.prompts: list[torch.Tensor] | None = None  # set while the decoder blocks run (prompt_of)
 
     def check_stop(self) -> None:
         if self.should_stop():
@@ -121,11 +122,15 @@ class Driver:
                 kw_fp.append({**kw, "encoder_hidden_states": enc_fp[j]})
         x_fp = [h.clone() for h in x] if self.two_streams else None
         token_tail = [data.token_tail[b] for b in batches] if self.tagged else [None] * len(batches)
+        # the prompt's positions: their share of each layer's trace goes into the report, and lambda_positions
+        # "text" leaves it out of lambda
+        self.prompts = [data.token_prompt[b] for b in batches] if self.tagged else None
         masks = [data.token_mask[b] for b in batches]
         for i, block in enumerate(dec_blocks):
             self.check_stop()
             loss = self.quantize_block(block, x, x_fp, kw_q, kw_fp, token_tail, masks, cross)
             self.progress(Progress("decoder", len(enc_blocks) + i + 1, len(self.blocks), loss))
+        self.prompts = None
 
     # -- one block -----------------------------------------------------------------------------
     def quantize_block(self, block, x, x_fp, kw_q, kw_fp, tails, masks, cross: LayerStats | None = None) -> float:
@@ -163,9 +168,13 @@ class Driver:
         with self.timed("forward"), self.autocast():
             return run.resume()
 
-    def add_stats(self, st: LayerStats, x, tail, x_fp, dy) -> None:
+    def add_stats(self, st: LayerStats, x, tail, x_fp, dy, prompt=None) -> None:
         with self.timed("statistics"):
-            st.add(x, tail, x_fp, dy)
+            st.add(x, tail, x_fp, dy, prompt)
+
+    def prompt_of(self, j: int, pick):
+        """Batch j's prompt positions while decoder blocks are solved with tags, else None."""
+        return pick(j, self.prompts[j]) if self.prompts is not None else None
 
     def drift_by_output(self, block, group: tuple[str, ...]) -> bool:
         """A single layer with at most half as many rows as columns (fc2) tracks drift through its outputs."""
@@ -201,7 +210,8 @@ class Driver:
                 for k, st in enumerate(stats):
                     (xin, y), fp = seen[k], (cap_fp[k] if cap_fp is not None else None)
                     self.add_stats(st, pick(j, xin), tail, None if fp is None else pick(j, fp[0]),
-                                   pick(j, fp[1]) - pick(j, y) if st.WHdelta is not None else None)
+                                   pick(j, fp[1]) - pick(j, y) if st.WHdelta is not None else None,
+                                   self.prompt_of(j, pick))
         rel = [self.solve_group(block, g, st) for g, st in zip(groups, stats)]
         if cross is not None:
             self.solve_group(block, whisper.CROSS_KV, cross)
@@ -236,7 +246,8 @@ class Driver:
                         fp = _paused_at(at_fp[j], linears[k], block.prefix, group[0]) if runs_fp else None
                         if given is None:
                             self.add_group_stats(st, linears[k], pick(j, xin), None if fp is None else pick(j, fp),
-                                                 pick(j, tails[j]) if tails[j] is not None else None)
+                                                 pick(j, tails[j]) if tails[j] is not None else None,
+                                                 self.prompt_of(j, pick))
                         if runs_fp:  # on through group k while it is still full precision
                             at_fp[j] = self.resume(runs_fp[j])
                     loss = self.solve_group(block, group, st)
@@ -253,12 +264,12 @@ class Driver:
             x_fp[:] = [run.output for run in runs_fp]
         return rel
 
-    def add_group_stats(self, st: LayerStats, lin: nn.Linear, xin, fp, tail) -> None:
+    def add_group_stats(self, st: LayerStats, lin: nn.Linear, xin, fp, tail, prompt=None) -> None:
         dy = None
         if st.WHdelta is not None:  # drift by output: W x_fp - W x, with W still full precision
             with self.timed("statistics"):
                 dy = (fp.float() - xin.float()) @ lin.weight.float().T
-        self.add_stats(st, xin, tail, fp, dy)
+        self.add_stats(st, xin, tail, fp, dy, prompt)
 
     def solve_group(self, block, group: tuple[str, ...], stats: LayerStats) -> float:
         """Solve the layers of one group together; record each layer's quantized weight and report row."""
@@ -270,7 +281,8 @@ class Driver:
             solved = tarq_solve(
                 W, stats, bits=c.bits, group_size=c.group_size, sym=c.sym, damp=c.damp, block_size=c.block_size,
                 act_order=c.act_order, use_rarebal=self.tagged, use_residual=self.two_streams,
-                cost=c.lambda_cost, splits=[lin.out_features for lin in lins], full_step=c.residual_step == "full")
+                cost=c.lambda_cost, splits=[lin.out_features for lin in lins], full_step=c.residual_step == "full",
+                lambda_text_only=c.lambda_positions == "text")
         H = solved.H
         seconds = (time.perf_counter() - start) / len(lins)
         # relative errors |(W - Q) X|^2 / |W X|^2 in the metric of the solve, row by row so that each
@@ -295,6 +307,7 @@ class Driver:
                 "drift_ratio": solved.drift_ratios[k] if solved.drift_ratios else None,
                 "drift_cosine": solved.cosines[k] if solved.cosines else None,
                 "tail_share": stats.tail_share,
+                "prompt_share": stats.prompt_share if self.prompts is not None else None,
                 "positions": stats.n_common + stats.n_tail,
                 "tail_positions": stats.n_tail,
                 # tr(H)^2 / tr(H^2): how many input directions carry the activations; two unrelated weight

@@ -82,6 +82,15 @@ def token_tail_mask(
     return tags
 
 
+def special_mask(tokenizer, token_ids) -> list[bool]:
+    """One flag per token: a special token (start of transcript, language, task, no-timestamps,
+    timestamps, end of text), which token_tail_mask always calls common."""
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):
+        tokenizer = tokenizer.tokenizer
+    special = _special_test(tokenizer)
+    return [special(int(t)) for t in token_ids]
+
+
 def frame_tail_mask(
     word_spans: list[tuple[str, float, float]],
     num_frames: int,

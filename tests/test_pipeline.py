@@ -56,6 +56,30 @@ def test_tarq_lambda_above_one_for_decoder_layers(tiny_whisper_dir, calib_dir, t
         assert r["loss_final"] < r["loss_rtn"], r["name"]
 
 
+def test_lambda_over_text_positions_changes_decoder_lambdas_only(tiny_whisper_dir, calib_dir, tmp_path):
+    """lambda_positions "text" leaves the prompt positions' share out of lambda: decoder layers, which saw
+    the prompt, get another lambda (and the report says how much of the trace the prompt held); encoder
+    layers and the cross-attention k/v (no prompt there) are unchanged."""
+    runs = {k: report_of(quantize_model(tiny_whisper_dir, calib_dir, tmp_path / k,
+                                        QuantConfig(batch_size=4, lambda_positions=k)))
+            for k in ("all", "text")}
+    by_name = {k: {r["name"]: r for r in rep["layers"]} for k, rep in runs.items()}
+    assert runs["text"]["config"]["lambda_positions"] == "text"
+    for name, r in by_name["all"].items():
+        t = by_name["text"][name]
+        prompt_seen = ".decoder." in name and "encoder_attn.k_proj" not in name and "encoder_attn.v_proj" not in name
+        if prompt_seen:
+            assert 0 < r["prompt_share"] < 1 and 0 < t["prompt_share"] < 1, name
+        else:
+            assert r["prompt_share"] is None or r["prompt_share"] == 0, name
+    first = [n for n in by_name["all"] if ".decoder.layers.0." in n and "self_attn.q_proj" in n][0]
+    # the first layer of the decoder sees the same inputs in both runs: the lambdas differ by exactly the prompt
+    a, t = by_name["all"][first], by_name["text"][first]
+    assert t["prompt_share"] == pytest.approx(a["prompt_share"], rel=1e-5)
+    assert t["lambda"] == pytest.approx(a["lambda"] * (1 - a["prompt_share"] / (1 - a["tail_share"])), rel=1e-3)
+    assert t["lambda"] < a["lambda"]
+
+
 def test_frame_tagging_marks_encoder_positions(tiny_whisper_dir, calib_dir, tmp_path):
     out = quantize_model(tiny_whisper_dir, calib_dir, tmp_path / "f",
                          QuantConfig(encoder_tagging="frames", batch_size=4))

@@ -47,6 +47,34 @@ def test_rarebal_equal_trace_mass():
     assert lam2 == pytest.approx(2 * lam)
 
 
+def test_lambda_over_text_positions_leaves_the_prompts_share_out_of_tr_hc_only():
+    """A prompt position with a massive activation (whisper-base's <|en|> in decoder block 2) would set
+    lambda alone; text_only counts tr(Hc) over the other common positions, and Hc keeps every position."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 32, generator=g)
+    tail = torch.rand(400, generator=g) < 0.1
+    prompt = torch.zeros(400, dtype=torch.bool)
+    prompt[::40] = True  # one per "clip"
+    prompt[tail.nonzero()[0]] = True  # a tail position reading a special token is still tail
+    x[prompt & ~tail] *= 30.0
+    st = LayerStats(32)
+    st.add(x[:200], tail[:200], prompt=prompt[:200])
+    st.add(x[200:], tail[200:], prompt=prompt[200:])
+    sink = prompt & ~tail
+    assert st.prompt_trace == pytest.approx(float(x[sink].pow(2).sum()), rel=1e-5)
+    assert st.prompt_share == pytest.approx(float(x[sink].pow(2).sum() / x.pow(2).sum()), rel=1e-5)
+    H_all, lam_all = rarebal(st)
+    H_text, lam_text = rarebal(st, text_only=True)
+    text = ~tail & ~prompt
+    assert lam_text == pytest.approx(float(x[text].pow(2).sum() / x[tail].pow(2).sum()), rel=1e-4)
+    assert lam_all == pytest.approx(float(x[~tail].pow(2).sum() / x[tail].pow(2).sum()), rel=1e-4)
+    assert lam_all > 20 * lam_text  # the sinks' ~900x energy made lambda
+    assert torch.allclose(H_text, st.Hc + lam_text * st.Ht)  # the prompt rows stay in Hc
+    plain = LayerStats(32)
+    plain.add(x, tail)
+    assert plain.prompt_trace == 0.0 and rarebal(plain, text_only=True)[1] == pytest.approx(lam_all, rel=1e-5)
+
+
 def test_rarebal_without_tail_is_plain_h():
     x = torch.randn(100, 16)
     st = stats_from(x, None)

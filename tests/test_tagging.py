@@ -6,7 +6,7 @@ semi 3.5, 15th 3.89, 2 6.0 (digit strings are estimated by shape); caxton 2.45, 
 
 import pytest
 
-from tarq.tagging import frame_tail_mask, is_rare, token_tail_mask
+from tarq.tagging import frame_tail_mask, is_rare, special_mask, token_tail_mask
 
 
 @pytest.mark.parametrize(
@@ -86,6 +86,8 @@ def test_timestamps_and_other_specials_are_common(tok, processor):
     assert token_tail_mask(processor, ids) == token_tail_mask(tok, ids)  # a processor works too
     assert token_tail_mask(tok, [len(tok) + 5, -1]) == [False, False]  # ids outside the tokenizer
     assert token_tail_mask(tok, []) == []
+    assert special_mask(tok, ids) == [True, True, False, False, True]
+    assert special_mask(processor, ids) == special_mask(tok, ids) and special_mask(tok, []) == []
 
 
 def test_tensor_ids_and_multibyte_characters(tok):

@@ -60,6 +60,9 @@ def create_quantization(
         description="TARQ: a word is rare (tail) below this wordfreq Zipf frequency; default 3 (under one use per "
                     "million words). Raise it to protect more of a domain's vocabulary")] = None,
     lambda_cost: Annotated[float | None, Form(description="TARQ: c in lambda = c tr(Hc) / tr(Ht); default 1")] = None,
+    lambda_positions: Annotated[str | None, Form(
+        description="TARQ: the common positions lambda's tr(Hc) counts: all (default) or text (not the "
+                    "prompt's special tokens; an experiment)")] = None,
     digits_are_tail: Annotated[bool | None, Form(
         description="TARQ: every word with a digit is rare (default true); false looks digits up like words")] = None,
     rarebal: Annotated[bool | None, Form(description="TARQ: RAREBAL on (default) or off")] = None,
@@ -87,7 +90,8 @@ def create_quantization(
     callback_url = callbacks.checked(callback_url, settings)
     overrides = {"method": method, "bits": bits, "group_size": group_size, "sym": sym}
     optional = {"num_samples": num_samples, "forward_dtype": forward_dtype, "sequential": sequential,
-                "zipf_threshold": zipf_threshold, "lambda_cost": lambda_cost, "digits_are_tail": digits_are_tail,
+                "zipf_threshold": zipf_threshold, "lambda_cost": lambda_cost, "lambda_positions": lambda_positions,
+                "digits_are_tail": digits_are_tail,
                 "rarebal": rarebal, "residual": residual, "residual_step": residual_step,
                 "encoder_tagging": encoder_tagging, "act_order": act_order, "damp": damp, "seed": seed}
     overrides.update({k: v for k, v in optional.items() if v is not None})

@@ -369,13 +369,14 @@ def test_bad_settings_and_missing_fields(client, clips):
     accepted = submit(client, clips[:1], sequential="layer")
     assert accepted.status_code == 202 and accepted.json()["config"]["sequential"] == "layer"
     # TARQ's and GPTQ's own knobs reach the job's config; out of range, each is named
-    knobs = {"zipf_threshold": 4.0, "lambda_cost": 2.0, "digits_are_tail": False, "rarebal": False, "residual": False,
+    knobs = {"zipf_threshold": 4.0, "lambda_cost": 2.0, "lambda_positions": "text", "digits_are_tail": False, "rarebal": False, "residual": False,
              "residual_step": "full", "encoder_tagging": "frames", "act_order": True, "damp": 0.05, "seed": 7}
     accepted = submit(client, clips[:1], method="tarq", **{k: str(v).lower() for k, v in knobs.items()})
     assert accepted.status_code == 202, accepted.text
     assert {k: accepted.json()["config"][k] for k in knobs} == knobs
     for field, bad in (("zipf_threshold", "9"), ("zipf_threshold", "nan"), ("lambda_cost", "0"),
-                       ("lambda_cost", "inf"), ("lambda_cost", "nan"), ("residual_step", "half"),
+                       ("lambda_cost", "inf"), ("lambda_cost", "nan"), ("lambda_positions", "prompt"),
+                       ("residual_step", "half"),
                        ("encoder_tagging", "words"), ("damp", "1.5")):
         err = error_of(submit(client, clips[:1], **{field: bad}), 422)
         assert field in err["message"] and bad in err["message"], err
