@@ -46,10 +46,13 @@ def test_report_pairs_tarq_with_gptq_per_seed(seeds, tmp_path):
         rows[("m", seed, "fp")] = row("fp", good, quality)
         rows[("m", seed, "gptq")] = row("gptq", good, quality)
         rows[("m", seed, "tarq")] = row("tarq", bad, quality)
-    args = Namespace(calib_n=128, out=tmp_path / "seeds.md", order="layer")
+    args = Namespace(calib_n=128, out=tmp_path / "seeds.md", order="block", tarq_variant="tarq-text-lambda")
+    seeds.write_report(rows, args)
+    assert args.out.read_text().startswith("# TARQ vs GPTQ across calibration draws (TARQ column: `tarq-text-lambda`)")
+    args = Namespace(calib_n=128, out=tmp_path / "seeds.md", order="layer", tarq_variant=None)
     seeds.write_report(rows, args)
     text = args.out.read_text()
-    assert text.startswith("# TARQ vs GPTQ across calibration draws, both in layer order")
+    assert text.startswith("# TARQ vs GPTQ across calibration draws, both in layer order (`--sequential layer`)\n")
     assert seeds.variants("layer") == {"fp": "fp", "gptq": "gptq-layer", "tarq": "tarq-layer"}
     assert seeds.variants("block") == {"fp": "fp", "gptq": "gptq", "tarq": "tarq"}
     lines = [ln for ln in text.splitlines() if ln.startswith("| m |")]
