@@ -313,9 +313,11 @@ def transcribe(
                                      encoded=encoded, first=first, seen=seen)
 
     eot = _eot_id(processor)
+    window_of = _window_of(raw_segments, windows or [0])
+    logprobs = [_token_logprobs(raw) for raw in raw_segments]  # each segment's once: the rule and its avg_logprob
     segments, words = _build_segments(
-        raw_segments, processor, eot, windows or [0], no_speech, temperature, duration, word_timestamps,
-        silent=_silent_windows(raw_segments, windows or [0], no_speech, no_speech_threshold, logprob_threshold),
+        raw_segments, window_of, logprobs, processor, eot, windows or [0], no_speech, temperature, duration,
+        word_timestamps, silent=_silent_windows(window_of, logprobs, no_speech, no_speech_threshold, logprob_threshold),
     )
     text = "".join(s.text for s in segments).strip()
     if task == "translate":
@@ -510,15 +512,13 @@ def _no_speech_probs(
     return _p_no_speech(model(input_features=batch, decoder_input_ids=start).logits[:, 0], no_speech_id)
 
 
-def _segment_logprob(seg: dict) -> float:
-    """Mean log-probability of the segment's tokens under the (filtered) scores generate used,
-    like openai/whisper's avg_logprob."""
-    total, count = _token_logprobs(seg)
+def _mean(total: float, count: int) -> float:
     return total / count if count else 0.0
 
 
 def _token_logprobs(seg: dict) -> tuple[float, int]:
-    """(sum, count) of the log-probabilities of the segment's tokens."""
+    """(sum, count) of the log-probabilities of the segment's tokens under the (filtered) scores generate
+    used; their mean is openai/whisper's avg_logprob."""
     result = seg.get("result")
     if not isinstance(result, dict) or result.get("scores") is None or result.get("sequences") is None:
         return 0.0, 0
@@ -546,24 +546,20 @@ def _window_of(raw_segments: list[dict], windows: list[int]) -> list[int]:
     return [min(first.setdefault(id(raw.get("result")), len(first)), len(windows) - 1) for raw in raw_segments]
 
 
-def _silent_windows(raw_segments: list[dict], windows: list[int], no_speech: list[float],
+def _silent_windows(window_of: list[int], logprobs: list[tuple[float, int]], no_speech: list[float],
                     no_speech_threshold: float | None, logprob_threshold: float | None) -> set[int]:
     """Windows openai/whisper's rule calls silent: P(no speech) > no_speech_threshold, unless the window's
-    tokens average a log-probability above logprob_threshold."""
+    tokens average a log-probability above logprob_threshold. `window_of` and `logprobs`: each raw
+    segment's window and (sum, count) of its tokens' log-probabilities."""
     if no_speech_threshold is None:
         return set()
     sums: dict[int, list[float]] = {}
-    for w, raw in zip(_window_of(raw_segments, windows), raw_segments):
-        total, count = _token_logprobs(raw)
+    for w, (total, count) in zip(window_of, logprobs):
         acc = sums.setdefault(w, [0.0, 0])
         acc[0] += total
         acc[1] += count
-    silent = set()
-    for w, (total, count) in sums.items():
-        mean = total / count if count else 0.0
-        if no_speech[w] > no_speech_threshold and (logprob_threshold is None or mean < logprob_threshold):
-            silent.add(w)
-    return silent
+    return {w for w, (total, count) in sums.items() if no_speech[w] > no_speech_threshold
+            and (logprob_threshold is None or _mean(total, count) < logprob_threshold)}
 
 
 def _compression_ratio(text: str) -> float:
@@ -572,13 +568,14 @@ def _compression_ratio(text: str) -> float:
 
 
 def _build_segments(
-    raw_segments: list[dict], processor, eot: int, windows: list[int], no_speech: list[float],
-    temperature: float, duration: float, word_timestamps: bool, silent: set[int] = frozenset(),
+    raw_segments: list[dict], window_of: list[int], logprobs: list[tuple[float, int]], processor, eot: int,
+    windows: list[int], no_speech: list[float], temperature: float, duration: float, word_timestamps: bool,
+    silent: set[int] = frozenset(),
 ) -> tuple[list[Segment], list[Word]]:
     tok = processor.tokenizer
     segments: list[Segment] = []
     words: list[Word] = []
-    for w, raw in zip(_window_of(raw_segments, windows), raw_segments):
+    for w, raw, logprob in zip(window_of, raw_segments, logprobs):
         if w in silent:
             continue
         ids = [int(t) for t in raw["tokens"]]
@@ -593,7 +590,7 @@ def _build_segments(
         segments.append(
             Segment(
                 id=len(segments), seek=windows[w], start=round(start, 3), end=round(end, 3), text=text,
-                tokens=ids, temperature=float(temperature), avg_logprob=_segment_logprob(raw),
+                tokens=ids, temperature=float(temperature), avg_logprob=_mean(*logprob),
                 compression_ratio=_compression_ratio(text), no_speech_prob=float(no_speech[w]),
             )
         )
