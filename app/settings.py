@@ -16,7 +16,13 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tarq.config import LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, ComputeDtype, CpuBf16
+from tarq.config import (
+    COMPRESSION_RATIO_THRESHOLD,
+    LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
+    ComputeDtype,
+    CpuBf16,
+)
 
 QUEUES = ("quantize", "transcribe")
 # what a key may do (TARQ_API_KEYS entry `<key>@<role>`): all (the default), or transcribe: the audio
@@ -96,6 +102,12 @@ class Settings(BaseSettings):
     # noise, bench/results/silence.md); 1 keeps every window
     no_speech_threshold: float = Field(default=NO_SPEECH_THRESHOLD, ge=0.0, le=1.0)
     logprob_threshold: float = LOGPROB_THRESHOLD
+    # openai/whisper's temperature fallback (OpenAI's API at temperature 0, tarq.fallback): a window whose text
+    # loops (zlib compression ratio above compression_ratio_threshold) or whose tokens average a log-probability
+    # below logprob_threshold is decoded again this much hotter, up to 1.0; 0.2 is openai's. 0 (the default)
+    # leaves it off: it made WER no better on real speech (tarq.config.TEMPERATURE_INCREMENT)
+    temperature_increment_on_fallback: float = Field(default=0.0, ge=0.0, le=1.0)
+    compression_ratio_threshold: float = Field(default=COMPRESSION_RATIO_THRESHOLD, gt=0.0)
     # whether int4 layers run their CPU dequantize-and-matmul path in bf16. tarq.qlinear reads
     # TARQ_CPU_BF16 itself (the library runs without the service); declared here so that serve and
     # worker refuse a bad value at start instead of failing the first job that reaches such a layer

@@ -49,6 +49,19 @@ def rtn_model(name: str, work: Path) -> Path:
     return out
 
 
+def model_sources(models: str, work: Path) -> list[tuple[str, str]]:
+    """(label, source) per comma-separated spec: a cached short name or a folder; NAME:rtn is NAME quantized
+    with RTN first (under `work`)."""
+    from tarq.hub import pull
+
+    out = []
+    for spec in models.split(","):
+        name, _, how = spec.partition(":")
+        source = str(rtn_model(name, work)) if how == "rtn" else name if Path(name).is_dir() else str(pull(name))
+        out.append((f"{Path(name).name}{' RTN int4' if how == 'rtn' else ''}", source))
+    return out
+
+
 def measure(label: str, source: str, clips: int, sets: dict[str, Path] | None = None) -> dict:
     """Both ways on the first `clips` of each set ({name: folder with transcripts.tsv}; default SETS under
     the speech folder) and on `non_speech()`."""
@@ -116,14 +129,9 @@ def main() -> None:
     if not (SPEECH / SETS[0]).is_dir():
         sys.exit(f"no speech at {SPEECH} (TARQ_SPEECH_DIR)")
     from tarq.cli_transcribe import _quiet_transformers
-    from tarq.hub import pull
 
     _quiet_transformers()
-    results = []
-    for spec in args.models.split(","):
-        name, _, how = spec.partition(":")
-        source = str(rtn_model(name, args.work)) if how == "rtn" else name if Path(name).is_dir() else str(pull(name))
-        results.append(measure(f"{Path(name).name}{' RTN int4' if how == 'rtn' else ''}", source, args.clips))
+    results = [measure(label, source, args.clips) for label, source in model_sources(args.models, args.work)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(results, " ".join(["python bench/silence.py", *sys.argv[1:]])))
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))

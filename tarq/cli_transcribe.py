@@ -10,7 +10,13 @@ from pathlib import Path
 
 import click
 
-from tarq.config import DTYPES, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD
+from tarq.config import (
+    COMPRESSION_RATIO_THRESHOLD,
+    DTYPES,
+    LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
+    TEMPERATURE_INCREMENT,
+)
 from tarq.errors import TarqError
 from tarq.formats import FORMATS
 
@@ -51,12 +57,19 @@ def dtype_option(default: str):
               help="Leave out a window whose no-speech probability is above this and whose tokens average a "
                    "log-probability below --logprob-threshold (Whisper's own text on silence); 1 keeps every window.")
 @click.option("--logprob-threshold", type=float, default=LOGPROB_THRESHOLD, show_default=True)
+@click.option("--temperature-increment-on-fallback", "temperature_increment", type=click.FloatRange(0.0, 1.0),
+              default=0.0, show_default=True,
+              help=f"Decode a window again this much hotter (up to 1.0) when its text loops (--compression-ratio-"
+                   f"threshold) or its tokens average a log-probability below --logprob-threshold; "
+                   f"{TEMPERATURE_INCREMENT} is openai/whisper's (OpenAI's API at temperature 0), 0 leaves it off.")
+@click.option("--compression-ratio-threshold", type=click.FloatRange(0.0, min_open=True),
+              default=COMPRESSION_RATIO_THRESHOLD, show_default=True)
 @click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True,
               help="translate: into English (multilingual models).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @dtype_option("auto")
 def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps, no_speech_threshold,
-               logprob_threshold, task, device, dtype):
+               logprob_threshold, temperature_increment, compression_ratio_threshold, task, device, dtype):
     """Transcribe AUDIO files with MODEL (a model folder, Hub id, cached name or tarq artifact).
 
     One file prints the body alone; several print JSON keyed by file (json formats) or each body
@@ -78,7 +91,9 @@ def transcribe(model, audio, fmt, language, prompt, temperature, word_timestamps
             for name, clip in clips.items():
                 transcript = run(loaded_model, processor, clip, language=language, prompt=prompt,
                                  temperature=temperature, word_timestamps=word_timestamps, task=task,
-                                 no_speech_threshold=no_speech_threshold, logprob_threshold=logprob_threshold)
+                                 no_speech_threshold=no_speech_threshold, logprob_threshold=logprob_threshold,
+                                 temperature_increment=temperature_increment,
+                                 compression_ratio_threshold=compression_ratio_threshold)
                 bodies[name] = render(transcript, fmt, granularities=granularities)[0]
     except TarqError as e:
         raise click.ClickException(str(e)) from None

@@ -12,16 +12,21 @@ from __future__ import annotations
 import logging
 import threading
 import types
-import zlib
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tarq.config import DTYPES, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD
+from tarq import fallback
+from tarq.config import (
+    COMPRESSION_RATIO_THRESHOLD,
+    DTYPES,
+    LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
+)
 from tarq.errors import AudioError, ModelError
 from tarq.formats import LANGUAGES, Segment, Transcript, Word
 from tarq.models.whisper import encode, is_multilingual
@@ -196,6 +201,8 @@ def transcribe(
     task: str = "transcribe",
     no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
     logprob_threshold: float | None = LOGPROB_THRESHOLD,
+    compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+    temperature_increment: float | None = None,
 ) -> Transcript:
     """Transcribe one 16 kHz mono clip of any length; `task="translate"` translates it into English
     (multilingual models: Whisper's <|translate|> task; the transcript's language is then English).
@@ -203,7 +210,15 @@ def transcribe(
     Segments come from Whisper's timestamp tokens (one segment for the clip when the tokenizer has
     none); `words` from cross-attention alignment (the model's alignment heads) when asked.
     `language=None` lets a multilingual model detect it. `prompt` conditions the first window like
-    OpenAI's `prompt`. temperature 0 is greedy and deterministic; above 0 samples.
+    OpenAI's `prompt`. temperature 0 is greedy; above 0 samples.
+
+    Temperature fallback, as openai/whisper and OpenAI's API at temperature 0 (tarq.fallback): a window
+    whose text compresses by more than `compression_ratio_threshold` (a loop) or whose tokens average a
+    log-probability below `logprob_threshold` is decoded again at `temperature` + `temperature_increment`,
+    and so on up to 1.0, unless the window is silent (below); None or 0 (the default: measured no better,
+    tarq.config.TEMPERATURE_INCREMENT) leaves it off, 0.2 is openai/whisper's. Starting from 0 its sampling
+    draws from a fixed seed, so that the same audio gives the same transcript. Each segment's `temperature`
+    says which attempt its window kept.
 
     A window Whisper itself finds silent is left out, as openai/whisper's transcribe() does: no-speech
     probability above `no_speech_threshold` and mean token log-probability below `logprob_threshold`
@@ -237,7 +252,10 @@ def transcribe(
     kwargs: dict[str, Any] = _language_kwargs(model, language, task)  # None: a multilingual model detects it
     if prompt:
         kwargs["prompt_ids"] = processor.get_prompt_ids(prompt, return_tensors="pt").to(model.device)
-    if temperature and temperature > 0:
+    ladder = fallback.temperatures(temperature, temperature_increment)
+    if len(ladder) > 1:
+        kwargs["temperature"] = ladder  # generate decodes a window again at the next one when the rule says so
+    elif temperature > 0:
         kwargs["temperature"] = float(temperature)
         kwargs["do_sample"] = True
     if word_timestamps:
@@ -251,6 +269,8 @@ def transcribe(
     def generate(**extra):
         windows.clear()
         seen.clear()
+        if rule is not None:
+            rule.restart()
         return model.generate(
             features,
             attention_mask=mask,
@@ -287,22 +307,33 @@ def transcribe(
         if share_encoder and _no_speech_not_in_logits(model, timestamps):
             hook = model.get_decoder().register_forward_hook(_no_speech_recorder(model, windows, seen),
                                                             with_kwargs=True)
+        rule = None
+        if len(ladder) > 1:
+            rule = fallback.Rule(
+                processor.tokenizer, _eot_id(processor), window=lambda: max(len(windows) - 1, 0),
+                no_speech=_no_speech_now(model, windows, seen, sot_logits=timestamps and not is_multilingual(model)),
+                compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
+                no_speech_threshold=no_speech_threshold, cache=cross)
+        sampling = fallback.seeded(model.device) if rule is not None and temperature == 0 else nullcontext()
         try:
-            if reused is not None:
-                with _reusing_encoding(model, *reused):
+            with fallback.applied(model, rule), sampling:
+                if reused is not None:
+                    with _reusing_encoding(model, *reused):
+                        out = generate()
+                elif encoded is None:
                     out = generate()
-            elif encoded is None:
-                out = generate()
-            elif cross is not None:
-                out = generate(encoder_outputs=encoded, cache=cross)
-            else:
-                out = generate(encoder_outputs=encoded)
-            if encoded is not None and len(windows) > 1:
-                # The first window ended on a timestamp pair short of 30 s and generate went on to a
-                # second one, which it decoded from the first window's encoder output: decode again, each
-                # window encoding its own frames. (Rare on real speech: bench/request.py counts passes.)
-                encoded = None
-                out = generate()
+                elif cross is not None:
+                    out = generate(encoder_outputs=encoded, cache=cross)
+                else:
+                    out = generate(encoder_outputs=encoded)
+                if encoded is not None and len(windows) > 1:
+                    # The first window ended on a timestamp pair short of 30 s and generate went on to a
+                    # second one, which it decoded from the first window's encoder output: decode again, each
+                    # window encoding its own frames. (Rare on real speech: bench/request.py counts passes.)
+                    encoded = None
+                    if rule is not None:
+                        rule.cache = None
+                    out = generate()
         finally:
             if hook is not None:
                 hook.remove()
@@ -314,9 +345,11 @@ def transcribe(
 
     eot = _eot_id(processor)
     window_of = _window_of(raw_segments, windows or [0])
-    logprobs = [_token_logprobs(raw) for raw in raw_segments]  # each segment's once: the rule and its avg_logprob
+    kept = [rule.used.get(w, ladder[0]) if rule is not None else ladder[0] for w in range(len(windows or [0]))]
+    # each segment's once: the silent-window rule and its avg_logprob
+    logprobs = [_token_logprobs(raw, kept[w]) for raw, w in zip(raw_segments, window_of)]
     segments, words = _build_segments(
-        raw_segments, window_of, logprobs, processor, eot, windows or [0], no_speech, temperature, duration,
+        raw_segments, window_of, logprobs, processor, eot, windows or [0], no_speech, kept, duration,
         word_timestamps, silent=_silent_windows(window_of, logprobs, no_speech, no_speech_threshold, logprob_threshold),
     )
     text = "".join(s.text for s in segments).strip()
@@ -467,6 +500,24 @@ def _no_speech_recorder(model, windows: list[int], seen: dict[int, float]):
     return record
 
 
+def _no_speech_now(model, windows: list[int], seen: dict[int, float], sot_logits: bool):
+    """For the fallback rule: the no-speech probability of the window generate is decoding, given an
+    attempt's output, from what `_no_speech_probs` reads later (`seen`, or with `sot_logits` the attempt's
+    first raw logits); None where only a step of its own could tell."""
+    no_speech_id = _no_speech_id(model)
+
+    def now(output: dict) -> float | None:
+        window = max(len(windows) - 1, 0)
+        if window in seen:
+            return seen[window]
+        logits = output.get("logits") if sot_logits and isinstance(output, dict) else None
+        if no_speech_id is None or not logits:
+            return None
+        return _p_no_speech(logits[0].reshape(-1, logits[0].shape[-1])[:1], no_speech_id)[0]
+
+    return now
+
+
 def _no_speech_probs(
     model, features: torch.Tensor, windows: list[int], raw_segments: list[dict], prompt_is_sot: bool,
     encoded=None, first: torch.Tensor | None = None, seen: dict[int, float] | None = None,
@@ -516,9 +567,11 @@ def _mean(total: float, count: int) -> float:
     return total / count if count else 0.0
 
 
-def _token_logprobs(seg: dict) -> tuple[float, int]:
+def _token_logprobs(seg: dict, temperature: float = 0.0) -> tuple[float, int]:
     """(sum, count) of the log-probabilities of the segment's tokens under the (filtered) scores generate
-    used; their mean is openai/whisper's avg_logprob."""
+    used, at temperature 1 (sampling divided the scores by `temperature`); their mean is openai/whisper's
+    avg_logprob."""
+    scale = temperature if temperature > 0 else 1.0
     result = seg.get("result")
     if not isinstance(result, dict) or result.get("scores") is None or result.get("sequences") is None:
         return 0.0, 0
@@ -532,7 +585,7 @@ def _token_logprobs(seg: dict) -> tuple[float, int]:
         step = pos - offset
         if 0 <= step < len(scores) and pos < seq.shape[-1]:
             step_scores = scores[step][0] if scores[step].dim() > 1 else scores[step]
-            logp = torch.log_softmax(step_scores.float(), dim=-1)[int(seq[pos])]
+            logp = torch.log_softmax(step_scores.float() * scale, dim=-1)[int(seq[pos])]
             if torch.isfinite(logp):
                 total += float(logp)
                 count += 1
@@ -562,14 +615,9 @@ def _silent_windows(window_of: list[int], logprobs: list[tuple[float, int]], no_
             and (logprob_threshold is None or _mean(total, count) < logprob_threshold)}
 
 
-def _compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
-
-
 def _build_segments(
     raw_segments: list[dict], window_of: list[int], logprobs: list[tuple[float, int]], processor, eot: int,
-    windows: list[int], no_speech: list[float], temperature: float, duration: float, word_timestamps: bool,
+    windows: list[int], no_speech: list[float], temperatures: list[float], duration: float, word_timestamps: bool,
     silent: set[int] = frozenset(),
 ) -> tuple[list[Segment], list[Word]]:
     tok = processor.tokenizer
@@ -590,8 +638,8 @@ def _build_segments(
         segments.append(
             Segment(
                 id=len(segments), seek=windows[w], start=round(start, 3), end=round(end, 3), text=text,
-                tokens=ids, temperature=float(temperature), avg_logprob=_mean(*logprob),
-                compression_ratio=_compression_ratio(text), no_speech_prob=float(no_speech[w]),
+                tokens=ids, temperature=float(temperatures[w]), avg_logprob=_mean(*logprob),
+                compression_ratio=fallback.compression_ratio(text), no_speech_prob=float(no_speech[w]),
             )
         )
         if word_timestamps and "token_timestamps" in raw:

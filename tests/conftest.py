@@ -84,6 +84,20 @@ def _seeded():
 
 
 @pytest.fixture(scope="session")
+def tiny_en():
+    """(model, processor) of the real whisper-tiny.en in float32, for tests on real speech (both sets)."""
+    from tarq.hub import cached
+    from tarq.transcribe import load
+
+    path = cached("whisper-tiny.en")
+    if path is None:
+        pytest.skip("whisper-tiny.en is not in the model cache (tarq models pull whisper-tiny.en)")
+    if not (LJSPEECH.is_dir() and COMMONVOICE.is_dir()):
+        pytest.skip(f"real speech not found at {SPEECH_ROOT}")
+    return load(path)
+
+
+@pytest.fixture(scope="session")
 def processor_dir() -> Path:
     return PROCESSOR_DIR
 

@@ -61,6 +61,22 @@ def test_quantize_then_transcribe(short_whisper_dir, calib_dir, tmp_path):
     assert (json.loads(proc.stdout)["text"], json.loads(proc.stdout)["segments"]) == ("", [])
     proc = tarq("transcribe", short_whisper_dir, clip, "--no-speech-threshold", "1.5")
     assert proc.returncode == 2 and "--no-speech-threshold" in proc.stderr, proc.stderr
+    # the fallback's ladder as asked: random weights fail every attempt; 0 turns it off
+    from tarq.audio import load_audio
+    from tarq.transcribe import load, transcribe
+
+    model, processor = load(short_whisper_dir)
+    for increment in ("0.5", "0"):
+        proc = tarq("transcribe", short_whisper_dir, clip, "--format", "verbose_json", "--dtype", "float32",
+                    "--temperature-increment-on-fallback", increment)
+        assert proc.returncode == 0, proc.stderr
+        want = transcribe(model, processor, load_audio(clip), temperature_increment=float(increment))
+        got = json.loads(proc.stdout)
+        assert (got["text"], [s["temperature"] for s in got["segments"]]) == \
+            (want.text, [s.temperature for s in want.segments])
+    for option, value in (("--temperature-increment-on-fallback", "1.5"), ("--compression-ratio-threshold", "0")):
+        proc = tarq("transcribe", short_whisper_dir, clip, option, value)
+        assert proc.returncode == 2 and option in proc.stderr, proc.stderr
 
 
 def test_transcribe_translate(short_whisper_dir, multilingual_whisper_dir, calib_dir):

@@ -517,18 +517,6 @@ def test_model_cache_prepares_a_load_before_anyone_uses_it():
 LJ = Path(__file__).resolve().parents[1].parent / "shared/data/speech/ljspeech-385"
 
 
-@pytest.fixture(scope="module")
-def tiny_en():
-    from tarq.hub import cached
-
-    path = cached("whisper-tiny.en")
-    if path is None:
-        pytest.skip("whisper-tiny.en is not in the model cache (tarq models pull whisper-tiny.en)")
-    if not LJ.is_dir():
-        pytest.skip(f"real speech not found at {LJ}")
-    return load(path)
-
-
 @pytest.mark.slow
 def test_real_transcription(tiny_en):
     from tarq.audio import load_audio

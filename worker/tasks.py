@@ -417,7 +417,9 @@ def _transcribe(payload: dict, settings) -> dict:
                              word_timestamps=bool(payload.get("word_timestamps")),
                              task=payload.get("task") or "transcribe",
                              no_speech_threshold=settings.no_speech_threshold,
-                             logprob_threshold=settings.logprob_threshold)
+                             logprob_threshold=settings.logprob_threshold,
+                             temperature_increment=settings.temperature_increment_on_fallback,
+                             compression_ratio_threshold=settings.compression_ratio_threshold)
         return {"transcript": transcript.to_dict(), "kernels": kernels, "dtype": dtype_name(loaded.dtype),
                 "seconds": seconds}
     except TarqError as err:

@@ -550,6 +550,17 @@ def test_transcription_dtype_setting_is_checked(monkeypatch, tmp_path):
         Settings(data_dir=tmp_path)
     monkeypatch.setenv("TARQ_NO_SPEECH_THRESHOLD", "1")
     assert Settings(data_dir=tmp_path).no_speech_threshold == 1.0
+    monkeypatch.setenv("TARQ_TEMPERATURE_INCREMENT_ON_FALLBACK", "-0.2")
+    with pytest.raises(ValidationError, match="temperature_increment_on_fallback"):
+        Settings(data_dir=tmp_path)
+    monkeypatch.setenv("TARQ_TEMPERATURE_INCREMENT_ON_FALLBACK", "0")
+    monkeypatch.setenv("TARQ_COMPRESSION_RATIO_THRESHOLD", "0")
+    with pytest.raises(ValidationError, match="compression_ratio_threshold"):
+        Settings(data_dir=tmp_path)
+    monkeypatch.delenv("TARQ_COMPRESSION_RATIO_THRESHOLD")
+    monkeypatch.delenv("TARQ_TEMPERATURE_INCREMENT_ON_FALLBACK")
+    assert (Settings(data_dir=tmp_path).temperature_increment_on_fallback,
+            Settings(data_dir=tmp_path).compression_ratio_threshold) == (0.0, 2.4)  # off; openai's threshold
 
 
 def test_server_timing_names_the_workers_steps_and_the_rest():

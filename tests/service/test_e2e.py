@@ -300,6 +300,31 @@ def test_the_workers_no_speech_settings_decide_which_windows_are_left_out(tmp_pa
     assert out.text == "" and not out.segments and out.duration == pytest.approx(9.655, abs=0.1)
 
 
+@pytest.mark.slow
+def test_the_workers_fallback_setting_decides_its_ladder(tmp_path, subprocess_env, multilingual_whisper_dir, tone_wav):
+    """TARQ_TEMPERATURE_INCREMENT_ON_FALLBACK reaches the worker's transcriptions: random weights fail every
+    attempt, and the worker's transcript is the one the library gives on the ladder 0.0, 0.5, 1.0 (sampled
+    from a fixed seed), not the greedy one (the default) nor that of openai's ladder of 0.2 steps."""
+    import openai
+
+    from tarq.audio import load_audio
+    from tarq.transcribe import load, transcribe
+
+    clip = tone_wav(tmp_path / "tone.wav", 3.0)
+    model, processor = load(multilingual_whisper_dir)
+    want = {inc: transcribe(model, processor, load_audio(clip), language="en", temperature_increment=inc)
+            for inc in (0.5, 0.2, None)}
+    assert want[0.5].text not in (want[0.2].text, want[None].text)  # the three are told apart
+    env = dict(subprocess_env, TARQ_API_KEYS="fb-key", TARQ_DTYPE="float32", TARQ_TEMPERATURE_INCREMENT_ON_FALLBACK="0.5")
+    with serving(env, tmp_path / "serve.log") as base:
+        oai = openai.OpenAI(base_url=f"{base}/v1", api_key="fb-key", timeout=300, max_retries=0)
+        with open(clip, "rb") as f:
+            out = oai.audio.transcriptions.create(model="tiny-whisper-multi", file=f, language="en",
+                                                  response_format="verbose_json", timestamp_granularities=["segment"])
+    assert out.text == want[0.5].text
+    assert [s.temperature for s in out.segments] == [s.temperature for s in want[0.5].segments]
+
+
 def test_redis_postgres_s3_with_separate_worker(tmp_path, subprocess_env, clips, clip_transcripts, pg_schema_url,
                                                  s3_server, tiny_whisper_dir):
     import redis
