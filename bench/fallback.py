@@ -5,9 +5,9 @@ windows it decodes again, the words it changes, and what it costs.
     python bench/fallback.py --models whisper-base --clips 20  # quicker
 
 Every request goes through tarq.transcribe.transcribe three ways (as the service and `tarq transcribe` run
-it: timestamps, English, float32): greedy (tarq's default), with the fallback (`temperature_increment=0.2`)
-keeping, where every attempt fails, the likeliest attempt that does not loop (as faster-whisper; tarq's
-choice when the fallback is on), and keeping the last one as openai/whisper does. A window is decoded again at 0.2, 0.4, ... 1.0 when its text
+it: timestamps, English, float32): greedy (tarq's default), and with the fallback
+(`temperature_increment=0.2`) keeping, where every attempt fails, the last attempt (openai/whisper's
+choice and tarq's) or the likeliest that does not loop (faster-whisper's). A window is decoded again at 0.2, 0.4, ... 1.0 when its text
 compresses by more than 2.4 (a loop) or its tokens average a log-probability below -1.0, unless it is
 silent. Requests: the first --clips of commonvoice-en-100 and of ljspeech-385, the first --noisy LJSpeech
 clips with white noise as loud as the speech (SNR 0 dB, seed 0: where Whisper is unsure), and --joined
@@ -30,7 +30,7 @@ from silence import model_sources
 from speed import RESULTS, environment, table
 
 SETS = ("commonvoice-en-100", "ljspeech-385")
-WAYS = ("greedy", "best", "last")
+WAYS = ("greedy", "last", "best")
 
 
 def requests(clips: int, noisy: int, joined: int) -> dict[str, tuple[dict, dict]]:
@@ -88,7 +88,7 @@ def measure(label: str, source: str, sets: dict) -> dict:
         for way in WAYS:
             rules.clear()
             start = time.perf_counter()
-            with keeping("last" if way == "last" else "best"):
+            with keeping("best" if way == "best" else "last"):
                 texts[way] = {f: transcribe(model, processor, a, language="en",
                                             temperature_increment=None if way == "greedy" else 0.2).text
                               for f, a in audios.items()}
@@ -102,19 +102,19 @@ def measure(label: str, source: str, sets: dict) -> dict:
                 row[f"{way}_changed"] = [f for f in audios if texts[way][f] != texts["greedy"][f]]
                 row[f"{way}_kept_hot"] = sum(t > 0 for r in rules for t in r.used.values())
         row["examples"] = [{"request": f, "reference": refs[f], **{w: texts[w][f] for w in WAYS}}
-                           for f in row["best_changed"][:4]]
+                           for f in row["last_changed"][:4]]
         out["sets"][name] = row
-        print(f"  {label} {name}: WER greedy {row['greedy_wer']:.2f} best {row['best_wer']:.2f} last "
-              f"{row['last_wer']:.2f}; retried {row['best_retried']} of {row['best_windows']} windows", flush=True)
+        print(f"  {label} {name}: WER greedy {row['greedy_wer']:.2f} last {row['last_wer']:.2f} best "
+              f"{row['best_wer']:.2f}; retried {row['last_retried']} of {row['last_windows']} windows", flush=True)
     return out
 
 
 def report(results: list[dict], command: str) -> str:
     lines = ["# Temperature fallback (openai/whisper's rule) on real speech", "", f"Command: `{command}`", "",
              environment("cpu"), "",
-             "Each request transcribed greedy (tarq's default), with the fallback keeping the likeliest attempt "
-             "where all fail (tarq's choice when it is on), and keeping the last attempt (openai/whisper's); "
-             "float32, English, timestamps. "
+             "Each request transcribed greedy (tarq's default), and with the fallback keeping, where every "
+             "attempt fails, the last attempt (openai/whisper's choice and tarq's) or the likeliest that does not "
+             "loop (faster-whisper's); float32, English, timestamps. "
              "WER / rare-WER in percent; retried: windows decoded more than once, of all windows; changed: "
              "requests whose text differs from greedy; time: seconds for all requests of the row, greedy -> "
              "with the fallback.", ""]
@@ -123,18 +123,18 @@ def report(results: list[dict], command: str) -> str:
         for name, s in r["sets"].items():
             rows.append([r["model"], name, str(s["requests"]),
                          *(f"{fmt(s[f'{w}_wer'])} / {fmt(s[f'{w}_rare_wer'])}" for w in WAYS),
-                         f"{s['best_retried']} of {s['best_windows']}", str(len(s["best_changed"])),
-                         f"{s['best_attempts'] - s['best_windows']}",
-                         f"{s['greedy_seconds']:.0f} -> {s['best_seconds']:.0f} s"])
-    lines += table(["model", "set", "requests", "greedy", "fallback (likeliest kept)", "fallback (last kept)",
+                         f"{s['last_retried']} of {s['last_windows']}", str(len(s["last_changed"])),
+                         f"{s['last_attempts'] - s['last_windows']}",
+                         f"{s['greedy_seconds']:.0f} -> {s['last_seconds']:.0f} s"])
+    lines += table(["model", "set", "requests", "greedy", "fallback (last kept)", "fallback (likeliest kept)",
                     "retried", "changed", "extra decodes", "time"], rows)
-    lines += ["", "Requests whose text the fallback changed (first four per row): reference, greedy, likeliest "
-              "kept, last kept.", ""]
+    lines += ["", "Requests whose text the fallback changed (first four per row): reference, greedy, last kept, "
+              "likeliest kept.", ""]
     for r in results:
         for name, s in r["sets"].items():
             for e in s["examples"]:
                 lines.append(f"- {r['model']}, {name}, `{e['request']}`: {e['reference']!r} | greedy "
-                             f"{e['greedy']!r} | likeliest {e['best']!r} | last {e['last']!r}")
+                             f"{e['greedy']!r} | last {e['last']!r} | likeliest {e['best']!r}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,13 @@
 """openai/whisper's temperature fallback (what OpenAI's API does at temperature 0) inside transformers'
 `generate`: a window whose text loops (its zlib compression ratio is above 2.4) or whose tokens average a
 log-probability below -1.0 is decoded again at the next temperature of 0.0, 0.2, ..., 1.0, sampling,
-unless Whisper calls the window silent (then a retry could only make up text for it).
+unless Whisper calls the window silent (then a retry could only make up text for it). tarq leaves it off
+unless asked for (tarq.config.TEMPERATURE_INCREMENT).
 
 transformers runs the ladder itself when `generate` gets a tuple of temperatures, but judges each attempt
 by a compression ratio of token ids (not of the text that openai's 2.4 was set on), without the silence
-exemption unless it runs a no-speech step of its own, keeps the last attempt when all fail, and hands every
-attempt the same `cache`, which the first attempt has already grown. `applied(model, rule)` runs each
+exemption unless it runs a no-speech step of its own, and hands every attempt the same `cache`, which the
+first attempt has already grown. `applied(model, rule)` runs each
 window's ladder through this module's `Rule` instead, for the calling thread: transformers'
 generate_with_fallback once per temperature (its decoding, logits processors and segment bookkeeping as
 they are), judged as openai/whisper does, with the self-attention part of a shared cache emptied before a
@@ -83,14 +84,15 @@ class Rule:
     a cache handed to generate that holds precomputed cross-attention keys and values, emptied of its
     self-attention part before a retry.
 
-    Where every attempt fails, the window keeps the attempt with the highest mean log-probability among
-    those that do not loop (among all if every one loops), as faster-whisper does; openai/whisper keeps the
-    last, sampled at 1.0, which on a hard clip is often the worst (`keep="last"`)."""
+    Where every attempt fails, the window keeps the last, sampled at 1.0, as openai/whisper does; with
+    `keep="best"` the attempt with the highest mean log-probability among those that do not loop (among all
+    if every one loops), as faster-whisper does. Neither scored better on real speech
+    (bench/results/fallback.md), so the default is the behaviour the fallback is there to reproduce."""
 
     def __init__(self, tokenizer, eot: int, *, window: Callable[[], int],
                  no_speech: Callable[[dict], float | None], compression_ratio_threshold: float | None,
                  logprob_threshold: float | None, no_speech_threshold: float | None, cache=None,
-                 keep: str = "best"):
+                 keep: str = "last"):
         if keep not in ("best", "last"):
             raise ValueError(f"keep must be best or last, not {keep!r}")
         self.tokenizer, self.eot, self.keep = tokenizer, eot, keep
@@ -125,7 +127,7 @@ class Rule:
             tried.append((result, float(temperature), looped, logprob))
             if not again:
                 break
-        if not again or self.keep == "last":
+        if not again or self.keep == "last":  # the one that passed, or openai's choice
             chosen = tried[-1]
         else:
             chosen = max([t for t in tried if not t[2]] or tried, key=lambda t: t[3])

@@ -21,12 +21,7 @@ import numpy as np
 import torch
 
 from tarq import fallback
-from tarq.config import (
-    COMPRESSION_RATIO_THRESHOLD,
-    DTYPES,
-    LOGPROB_THRESHOLD,
-    NO_SPEECH_THRESHOLD,
-)
+from tarq.config import COMPRESSION_RATIO_THRESHOLD, DTYPES, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD
 from tarq.errors import AudioError, ModelError
 from tarq.formats import LANGUAGES, Segment, Transcript, Word
 from tarq.models.whisper import encode, is_multilingual

@@ -314,14 +314,15 @@ def test_the_workers_fallback_setting_decides_its_ladder(tmp_path, subprocess_en
     model, processor = load(multilingual_whisper_dir)
     want = {inc: transcribe(model, processor, load_audio(clip), language="en", temperature_increment=inc)
             for inc in (0.5, 0.2, None)}
-    assert want[0.5].text not in (want[0.2].text, want[None].text)  # the three are told apart
+    tokens = {inc: [s.tokens for s in t.segments] for inc, t in want.items()}  # timestamps included
+    assert tokens[0.5] not in (tokens[0.2], tokens[None])  # the three are told apart
     env = dict(subprocess_env, TARQ_API_KEYS="fb-key", TARQ_DTYPE="float32", TARQ_TEMPERATURE_INCREMENT_ON_FALLBACK="0.5")
     with serving(env, tmp_path / "serve.log") as base:
         oai = openai.OpenAI(base_url=f"{base}/v1", api_key="fb-key", timeout=300, max_retries=0)
         with open(clip, "rb") as f:
             out = oai.audio.transcriptions.create(model="tiny-whisper-multi", file=f, language="en",
                                                   response_format="verbose_json", timestamp_granularities=["segment"])
-    assert out.text == want[0.5].text
+    assert out.text == want[0.5].text and [s.tokens for s in out.segments] == tokens[0.5]
     assert [s.temperature for s in out.segments] == [s.temperature for s in want[0.5].segments]
 
 
