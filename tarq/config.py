@@ -26,8 +26,9 @@ LOGPROB_THRESHOLD = -1.0
 # openai/whisper's temperature fallback (OpenAI's API at temperature 0; tarq.fallback): a window whose text
 # compresses by more than COMPRESSION_RATIO_THRESHOLD with zlib (a loop) or whose tokens average a
 # log-probability below LOGPROB_THRESHOLD is decoded again, sampling at a temperature TEMPERATURE_INCREMENT
-# higher, up to 1.0. Off unless asked for: on real speech it retried 0-7% of windows and made WER no better
-# on any set, worse on noisy speech through an int4 model (bench/results/fallback.md)
+# higher, up to 1.0. Off unless asked for: it retried 0-5% of the windows of real speech (14-51% with loud
+# noise added) and made WER worse wherever it acted, most on noisy speech through an int4 model
+# (bench/results/fallback.md)
 COMPRESSION_RATIO_THRESHOLD = 2.4
 TEMPERATURE_INCREMENT = 0.2  # openai/whisper's, for those who turn it on
 

@@ -7,11 +7,11 @@ unless asked for (tarq.config.TEMPERATURE_INCREMENT).
 transformers runs the ladder itself when `generate` gets a tuple of temperatures, but judges each attempt
 by a compression ratio of token ids (not of the text that openai's 2.4 was set on), without the silence
 exemption unless it runs a no-speech step of its own, and hands every attempt the same `cache`, which the
-first attempt has already grown. `applied(model, rule)` runs each
-window's ladder through this module's `Rule` instead, for the calling thread: transformers'
-generate_with_fallback once per temperature (its decoding, logits processors and segment bookkeeping as
-they are), judged as openai/whisper does, with the self-attention part of a shared cache emptied before a
-retry so that the cross-attention keys and values computed once are decoded on afresh.
+first attempt has already grown. `applied(model, rule)` runs each window's ladder through this module's
+`Rule` instead, for the calling thread: transformers' generate_with_fallback once per temperature (its
+decoding, logits processors and segment bookkeeping as they are), judged as openai/whisper does, with the
+self-attention part of a shared cache emptied before a retry so that the cross-attention keys and values
+computed once are decoded on afresh.
 """
 
 from __future__ import annotations
