@@ -54,16 +54,21 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
+def token_logprobs(scores, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log P(tokens[i]) under scores[i] (generate's filtered scores, each [vocab] or [1, vocab]) in float32,
+    read at temperature 1: sampling divided the scores by `temperature`."""
+    scale = temperature if temperature > 0 else 1.0
+    logits = torch.stack([s.reshape(-1, s.shape[-1])[0] for s in scores]).float() * scale
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.to(logits.device).long().unsqueeze(-1)).squeeze(-1)
+
+
 def avg_logprob(scores, sequence: torch.Tensor, temperature: float) -> float:
     """Mean log-probability of the generated tokens (<|endoftext|> included, as openai/whisper counts it)
     under the filtered scores, undoing the temperature the scores were divided by."""
-    scale = temperature if temperature > 0 else 1.0
     steps = min(len(scores), sequence.shape[-1])
     if steps == 0:
         return 0.0
-    logits = torch.stack([s.reshape(-1, s.shape[-1])[0] for s in scores[:steps]]).float() * scale
-    tokens = sequence[-steps:].to(logits.device)
-    return float(torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).mean())
+    return float(token_logprobs(scores[:steps], sequence[-steps:], temperature).mean())
 
 
 def needs_fallback(text: str, logprob: float, no_speech: float | None, *,
@@ -72,6 +77,11 @@ def needs_fallback(text: str, logprob: float, no_speech: float | None, *,
     """openai/whisper's rule for one decoded window: too repetitive or too unlikely, and not silence (a
     window with P(no speech) above its threshold and a log-probability below its own: left out anyway)."""
     looped = compression_ratio_threshold is not None and compression_ratio(text) > compression_ratio_threshold
+    return _verdict(looped, logprob, no_speech, logprob_threshold, no_speech_threshold)
+
+
+def _verdict(looped: bool, logprob: float, no_speech: float | None, logprob_threshold: float | None,
+             no_speech_threshold: float | None) -> bool:
     unlikely = logprob_threshold is not None and logprob < logprob_threshold
     silent = no_speech_threshold is not None and no_speech is not None and no_speech > no_speech_threshold \
         and unlikely
@@ -97,8 +107,8 @@ class Rule:
             raise ValueError(f"keep must be best or last, not {keep!r}")
         self.tokenizer, self.eot, self.keep = tokenizer, eot, keep
         self.window, self.no_speech, self.cache = window, no_speech, cache
-        self.thresholds = {"compression_ratio_threshold": compression_ratio_threshold,
-                           "logprob_threshold": logprob_threshold, "no_speech_threshold": no_speech_threshold}
+        self.compression_ratio_threshold = compression_ratio_threshold
+        self.logprob_threshold, self.no_speech_threshold = logprob_threshold, no_speech_threshold
         self.used: dict[int, float] = {}  # window -> the temperature of the attempt it kept
         self.attempts: dict[int, int] = {}  # window -> attempts decoded
 
@@ -111,9 +121,10 @@ class Rule:
         text = self.tokenizer.decode([int(t) for t in sequence.tolist() if int(t) < self.eot]).strip()
         scores = output.get("scores") if isinstance(output, dict) else None
         logprob = avg_logprob(scores, _with_eot(sequence, scores, self.eot), temperature) if scores else 0.0
-        limit = self.thresholds["compression_ratio_threshold"]
-        looped = limit is not None and compression_ratio(text) > limit
-        return needs_fallback(text, logprob, self.no_speech(output), **self.thresholds), looped, logprob
+        limit = self.compression_ratio_threshold
+        looped = limit is not None and compression_ratio(text) > limit  # once: the verdict and keep="best" read it
+        again = _verdict(looped, logprob, self.no_speech(output), self.logprob_threshold, self.no_speech_threshold)
+        return again, looped, logprob
 
     def run(self, attempt: Callable[[float], tuple], temperatures) -> tuple:
         """Decode one window through `attempt(temperature)` (transformers' generate_with_fallback at one

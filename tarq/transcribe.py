@@ -566,7 +566,6 @@ def _token_logprobs(seg: dict, temperature: float = 0.0) -> tuple[float, int]:
     """(sum, count) of the log-probabilities of the segment's tokens under the (filtered) scores generate
     used, at temperature 1 (sampling divided the scores by `temperature`); their mean is openai/whisper's
     avg_logprob."""
-    scale = temperature if temperature > 0 else 1.0
     result = seg.get("result")
     if not isinstance(result, dict) or result.get("scores") is None or result.get("sequences") is None:
         return 0.0, 0
@@ -575,16 +574,12 @@ def _token_logprobs(seg: dict, temperature: float = 0.0) -> tuple[float, int]:
     seq = seq[0] if seq.dim() > 1 else seq
     offset = seq.shape[-1] - len(scores)  # the decoder prompt precedes the generated tokens
     lo, hi = seg["idxs"]
-    total, count = 0.0, 0
-    for pos in range(lo, hi):
-        step = pos - offset
-        if 0 <= step < len(scores) and pos < seq.shape[-1]:
-            step_scores = scores[step][0] if scores[step].dim() > 1 else scores[step]
-            logp = torch.log_softmax(step_scores.float() * scale, dim=-1)[int(seq[pos])]
-            if torch.isfinite(logp):
-                total += float(logp)
-                count += 1
-    return total, count
+    positions = [pos for pos in range(lo, min(hi, seq.shape[-1])) if 0 <= pos - offset < len(scores)]
+    if not positions:
+        return 0.0, 0
+    logp = fallback.token_logprobs([scores[pos - offset] for pos in positions], seq[positions], temperature)
+    logp = logp[torch.isfinite(logp)].double()
+    return float(logp.sum()), int(logp.numel())
 
 
 def _window_of(raw_segments: list[dict], windows: list[int]) -> list[int]:
