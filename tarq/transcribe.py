@@ -466,6 +466,15 @@ def _p_no_speech(logits: torch.Tensor, no_speech_id: int) -> list[float]:
     return logits.float().softmax(dim=-1)[:, no_speech_id].tolist()
 
 
+def _p_no_speech_first_step(result: dict, no_speech_id: int) -> float | None:
+    """P(<|nospeech|>) read off a window's first generated step (its raw logits, in generate's per-window
+    result), where the prompt is <|startoftranscript|> alone; None without logits."""
+    logits = result.get("logits") if isinstance(result, dict) else None
+    if not logits:
+        return None
+    return _p_no_speech(logits[0].reshape(-1, logits[0].shape[-1])[:1], no_speech_id)[0]
+
+
 def _no_speech_not_in_logits(model, prompt_is_sot: bool) -> bool:
     """Whether the no-speech probability is missing from the logits generate returns (see
     `_no_speech_probs`): read from generate's first step by `_no_speech_recorder`, or else a step of its own."""
@@ -505,10 +514,9 @@ def _no_speech_now(model, windows: list[int], seen: dict[int, float], sot_logits
         window = max(len(windows) - 1, 0)
         if window in seen:
             return seen[window]
-        logits = output.get("logits") if sot_logits and isinstance(output, dict) else None
-        if no_speech_id is None or not logits:
+        if no_speech_id is None or not sot_logits:
             return None
-        return _p_no_speech(logits[0].reshape(-1, logits[0].shape[-1])[:1], no_speech_id)[0]
+        return _p_no_speech_first_step(output, no_speech_id)
 
     return now
 
@@ -537,10 +545,10 @@ def _no_speech_probs(
     if prompt_is_sot and not is_multilingual(model):
         # Segments of one window share its result; dicts keep the windows' order.
         by_window = {id(r["result"]): r["result"] for r in raw_segments if isinstance(r.get("result"), dict)}
-        results = list(by_window.values())
-        first_logits = [r.get("logits")[0] for r in results if r.get("logits")]
-        if len(first_logits) == len(windows):
-            return [_p_no_speech(lg.reshape(-1, lg.shape[-1])[:1], no_speech_id)[0] for lg in first_logits]
+        probs = [_p_no_speech_first_step(r, no_speech_id) for r in by_window.values()]
+        probs = [p for p in probs if p is not None]
+        if len(probs) == len(windows):
+            return probs
 
     if seen and all(i in seen for i in range(len(windows))):
         return [seen[i] for i in range(len(windows))]
