@@ -17,7 +17,6 @@ Scored WER / rare-WER; writes bench/results/fallback.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from quality import SPEECH, fmt
-from silence import model_sources
+from silence import model_options, model_sources, save
 from speed import RESULTS, environment, table
 
 SETS = ("commonvoice-en-100", "ljspeech-385")
@@ -140,12 +139,10 @@ def report(results: list[dict], command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="whisper-tiny.en,whisper-base,whisper-tiny.en:rtn",
-                    help="cached short names or folders; NAME:rtn quantizes NAME with RTN first")
+    model_options(ap)
     ap.add_argument("--clips", type=int, default=100)
     ap.add_argument("--noisy", type=int, default=50, help="LJSpeech clips with white noise as loud as the speech")
     ap.add_argument("--joined", type=int, default=6, help="long-form requests of 8 LJSpeech clips each")
-    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-silence")  # its RTN model too
     ap.add_argument("--out", type=Path, default=RESULTS / "fallback.md")
     args = ap.parse_args()
     if not (SPEECH / SETS[0]).is_dir():
@@ -155,10 +152,7 @@ def main() -> None:
     _quiet_transformers()
     sets = requests(args.clips, args.noisy, args.joined)
     results = [measure(label, source, sets) for label, source in model_sources(args.models, args.work)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(results, " ".join(["python bench/fallback.py", *sys.argv[1:]])))
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print(args.out.read_text())
+    save(args.out, report(results, " ".join(["python bench/fallback.py", *sys.argv[1:]])), results)
 
 
 if __name__ == "__main__":

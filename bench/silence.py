@@ -49,6 +49,21 @@ def rtn_model(name: str, work: Path) -> Path:
     return out
 
 
+def model_options(ap: argparse.ArgumentParser) -> None:
+    """--models and --work, as model_sources() reads them (bench/fallback.py takes the same)."""
+    ap.add_argument("--models", default="whisper-tiny.en,whisper-base,whisper-tiny.en:rtn",
+                    help="cached short names or folders; NAME:rtn quantizes NAME with RTN first")
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-silence", help="where NAME:rtn is kept")
+
+
+def save(out: Path, text: str, results: list[dict]) -> None:
+    """The report at `out`, its results beside it as .json, and the report on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(text)
+
+
 def model_sources(models: str, work: Path) -> list[tuple[str, str]]:
     """(label, source) per comma-separated spec: a cached short name or a folder; NAME:rtn is NAME quantized
     with RTN first (under `work`)."""
@@ -120,10 +135,8 @@ def report(results: list[dict], command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="whisper-tiny.en,whisper-base,whisper-tiny.en:rtn",
-                    help="cached short names or folders; NAME:rtn quantizes NAME with RTN first")
+    model_options(ap)
     ap.add_argument("--clips", type=int, default=100)
-    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-silence")
     ap.add_argument("--out", type=Path, default=RESULTS / "silence.md")
     args = ap.parse_args()
     if not (SPEECH / SETS[0]).is_dir():
@@ -132,10 +145,7 @@ def main() -> None:
 
     _quiet_transformers()
     results = [measure(label, source, args.clips) for label, source in model_sources(args.models, args.work)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(results, " ".join(["python bench/silence.py", *sys.argv[1:]])))
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print(args.out.read_text())
+    save(args.out, report(results, " ".join(["python bench/silence.py", *sys.argv[1:]])), results)
 
 
 if __name__ == "__main__":
